@@ -1,0 +1,5 @@
+//! `weld-edge`: see `weld_edge::cli`.
+
+fn main() -> std::process::ExitCode {
+    weld_edge::cli::main()
+}

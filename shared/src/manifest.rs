@@ -1,0 +1,341 @@
+//! The model manifest (`manifest.json` of a model bundle, DESIGN.md) and the model's input spec.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Memory layout of the model input. Only NCHW is produced by our exporter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    #[serde(rename = "NCHW")]
+    Nchw,
+}
+
+/// One input channel of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    R,
+    G,
+    B,
+    /// Height above the base-metal surface, from depth (see [`DepthNormalisation`]).
+    Height,
+}
+
+/// What the height channel is measured from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeightReference {
+    /// A robust plane fitted to the frame's depth: the base metal, tilted or not.
+    Plane,
+    /// The median depth of the frame (cheaper; wrong on strongly tilted plates).
+    Median,
+}
+
+/// How depth becomes the height channel:
+/// `height_mm = reference_depth_mm - depth_mm` (positive toward the camera), clipped to
+/// `[-range_mm, range_mm]` and divided by `range_mm`, so the channel is in [-1, 1] before the
+/// channel's mean/std apply. Pixels without depth get `missing_mm` (before clipping).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepthNormalisation {
+    pub reference: HeightReference,
+    /// Half-range of heights kept, mm (e.g. 4.0: a 3 mm bead and a 1 mm undercut both fit).
+    pub range_mm: f32,
+    /// Height in mm given to pixels without depth; 0 = "on the base metal".
+    #[serde(default)]
+    pub missing_mm: f32,
+}
+
+impl Default for DepthNormalisation {
+    fn default() -> Self {
+        DepthNormalisation {
+            reference: HeightReference::Plane,
+            range_mm: 4.0,
+            missing_mm: 0.0,
+        }
+    }
+}
+
+/// How the frame is resized to the model's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// Scale each axis to the input size (aspect ratio not kept), bilinear with antialiasing.
+    #[default]
+    Stretch,
+}
+
+/// Everything needed to turn a frame into the model's input tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    pub layout: Layout,
+    /// Channel order of the tensor, e.g. `["r","g","b"]` or `["r","g","b","height"]`.
+    pub channels: Vec<Channel>,
+    /// `[width, height]` in pixels.
+    pub size: [u32; 2],
+    /// Per channel, subtracted after scaling to [0, 1] (colour) or [-1, 1] (height).
+    pub mean: Vec<f32>,
+    /// Per channel, divides after the mean is subtracted.
+    pub std: Vec<f32>,
+    /// Required when `channels` has `height`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<DepthNormalisation>,
+    #[serde(default)]
+    pub resize: ResizeMode,
+}
+
+/// Mean and std of ImageNet, the statistics the torchvision backbones were trained with
+/// (torchvision `transforms.Normalize` documentation).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl InputSpec {
+    /// 224x224 RGB with ImageNet statistics.
+    pub fn rgb(size: u32) -> InputSpec {
+        InputSpec {
+            layout: Layout::Nchw,
+            channels: vec![Channel::R, Channel::G, Channel::B],
+            size: [size, size],
+            mean: IMAGENET_MEAN.to_vec(),
+            std: IMAGENET_STD.to_vec(),
+            depth: None,
+            resize: ResizeMode::Stretch,
+        }
+    }
+
+    /// RGB plus a plane-referenced height channel (mean 0, std 0.5 on the [-1, 1] scale).
+    pub fn rgb_height(size: u32) -> InputSpec {
+        let mut spec = InputSpec::rgb(size);
+        spec.channels.push(Channel::Height);
+        spec.mean.push(0.0);
+        spec.std.push(0.5);
+        spec.depth = Some(DepthNormalisation::default());
+        spec
+    }
+
+    pub fn needs_depth(&self) -> bool {
+        self.channels.contains(&Channel::Height)
+    }
+
+    /// Every problem with the spec, each naming the key (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let n = self.channels.len();
+        if n == 0 {
+            out.push("input.channels is empty; expected e.g. [\"r\",\"g\",\"b\"]".into());
+        }
+        for (i, c) in self.channels.iter().enumerate() {
+            if self.channels[..i].contains(c) {
+                out.push(format!("input.channels lists {c:?} twice"));
+            }
+        }
+        if self.size[0] == 0 || self.size[1] == 0 || self.size[0] > 4096 || self.size[1] > 4096 {
+            out.push(format!(
+                "input.size {:?} must be 1..=4096 pixels on each side",
+                self.size
+            ));
+        }
+        if self.mean.len() != n {
+            out.push(format!(
+                "input.mean has {} values for {n} channels",
+                self.mean.len()
+            ));
+        }
+        if self.std.len() != n {
+            out.push(format!(
+                "input.std has {} values for {n} channels",
+                self.std.len()
+            ));
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            out.push("input.mean values must be finite".into());
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            out.push("input.std values must be positive and finite".into());
+        }
+        match (&self.depth, self.needs_depth()) {
+            (None, true) => out.push("input.depth is required when channels include height".into()),
+            (Some(d), _) => {
+                if !(d.range_mm.is_finite() && d.range_mm > 0.0) {
+                    out.push(format!(
+                        "input.depth.range_mm must be > 0, got {}",
+                        d.range_mm
+                    ));
+                }
+                if !d.missing_mm.is_finite() {
+                    out.push("input.depth.missing_mm must be finite".into());
+                }
+            }
+            (None, false) => {}
+        }
+        out
+    }
+}
+
+/// Numeric precision of the ONNX model's weights and arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantization {
+    F32,
+    F16,
+    Int8,
+}
+
+/// Where a model came from, so that it can be reproduced.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// Content hash of the dataset version it was trained on.
+    pub dataset_hash: String,
+    /// The training configuration as the trainer wrote it.
+    #[serde(default)]
+    pub training_config: serde_json::Value,
+}
+
+/// `manifest.json` of a model bundle.
+///
+/// Unknown top-level fields are accepted (a newer trainer may add information a device can
+/// ignore); the input spec is strict, since misreading it would feed the model wrong pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    pub name: String,
+    pub version: String,
+    pub created: DateTime<Utc>,
+    /// e.g. `mobilenet_v2`, `resnet50`.
+    pub architecture: String,
+    /// Output classes in logit order.
+    pub classes: Vec<String>,
+    pub input: InputSpec,
+    /// Hex sha256 of `model.onnx`.
+    pub onnx_sha256: String,
+    pub quantization: Quantization,
+    /// Evaluation figures on the held-out set (e.g. `accuracy`, `macro_f1`).
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub lineage: Lineage,
+}
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("manifest.json is not valid: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("manifest.json has problems:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl ModelManifest {
+    /// Parses and validates manifest bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<ModelManifest, ManifestError> {
+        let m: ModelManifest = serde_json::from_slice(bytes)?;
+        let problems = m.problems();
+        if problems.is_empty() {
+            Ok(m)
+        } else {
+            Err(ManifestError::Invalid(problems))
+        }
+    }
+
+    /// Every problem with the manifest (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.name.trim().is_empty() {
+            out.push("name is empty".into());
+        }
+        if self.version.trim().is_empty() {
+            out.push("version is empty".into());
+        }
+        if self.classes.len() < 2 {
+            out.push(format!(
+                "classes must list at least 2 classes, got {}",
+                self.classes.len()
+            ));
+        }
+        for (i, c) in self.classes.iter().enumerate() {
+            if c.trim().is_empty() {
+                out.push(format!("classes[{i}] is empty"));
+            } else if self.classes[..i].contains(c) {
+                out.push(format!("classes lists {c:?} twice"));
+            }
+        }
+        if self.onnx_sha256.len() != 64 || !self.onnx_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            out.push(format!(
+                "onnx_sha256 {:?} is not 64 hex digits",
+                self.onnx_sha256
+            ));
+        }
+        out.extend(self.input.problems());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> ModelManifest {
+        ModelManifest {
+            name: "weld-mbv2".into(),
+            version: "mbv2-2026-11-22.1".into(),
+            created: "2026-11-22T10:00:00Z".parse().unwrap(),
+            architecture: "mobilenet_v2".into(),
+            classes: ["good", "porosity", "undercut", "spatter", "burn_through"]
+                .map(String::from)
+                .to_vec(),
+            input: InputSpec::rgb_height(224),
+            onnx_sha256: "ab".repeat(32),
+            quantization: Quantization::Int8,
+            metrics: BTreeMap::from([("accuracy".to_string(), 0.97)]),
+            lineage: Lineage::default(),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let m = manifest();
+        let json = serde_json::to_vec_pretty(&m).unwrap();
+        assert_eq!(ModelManifest::from_json(&json).unwrap(), m);
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            v["input"]["channels"],
+            serde_json::json!(["r", "g", "b", "height"])
+        );
+        assert_eq!(v["input"]["layout"], "NCHW");
+        assert_eq!(v["quantization"], "int8");
+    }
+
+    #[test]
+    fn lists_every_problem_at_once() {
+        let mut m = manifest();
+        m.classes = vec!["good".into(), "good".into()];
+        m.onnx_sha256 = "xyz".into();
+        m.input.std[1] = 0.0;
+        m.input.mean.pop();
+        m.input.depth = None;
+        let problems = m.problems();
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        let err = ModelManifest::from_json(&serde_json::to_vec(&m).unwrap()).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "twice",
+            "onnx_sha256",
+            "input.std",
+            "input.mean",
+            "input.depth",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn unknown_input_keys_are_rejected() {
+        let mut v = serde_json::to_value(manifest()).unwrap();
+        v["input"]["gamma"] = serde_json::json!(2.2);
+        let err = ModelManifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("gamma"), "{err}");
+    }
+}

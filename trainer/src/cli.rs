@@ -1,0 +1,128 @@
+//! Command line of `weld-trainer` (DESIGN.md "Command lines").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::datasets;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weld-trainer",
+    version,
+    about = "Datasets and models for weld inspection"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make, check and look at datasets.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// Write a synthetic RGB-D weld dataset (seeded: the same arguments give the same bytes).
+    Synth(SynthArgs),
+    /// Count frames per class and list every problem found (exit code 1 when there are any).
+    Stats {
+        /// The dataset folder (holding dataset.toml).
+        dir: PathBuf,
+    },
+    /// Write a contact sheet: RGB and false-colour depth side by side, a row per class.
+    Preview {
+        /// The dataset folder (holding dataset.toml).
+        dir: PathBuf,
+        /// Output PNG file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Frames shown per class.
+        #[arg(long, default_value_t = 3)]
+        per_class: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output folder; must be missing or empty.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Frames per class.
+    #[arg(long, default_value_t = 100)]
+    pub per_class: usize,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Frame size, WIDTHxHEIGHT.
+    #[arg(long, default_value = "640x480", value_parser = parse_size)]
+    pub size: (u32, u32),
+}
+
+/// Parses `WIDTHxHEIGHT`, e.g. `640x480`.
+pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{s:?} is not a size; expected WIDTHxHEIGHT such as 640x480");
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let w: u32 = w.trim().parse().map_err(|_| bad())?;
+    let h: u32 = h.trim().parse().map_err(|_| bad())?;
+    if w == 0 || h == 0 {
+        return Err(bad());
+    }
+    Ok((w, h))
+}
+
+/// Runs the command line; prints the error chain and returns a failure code on error.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Dataset(DatasetCommand::Synth(a)) => {
+            datasets::synth(&a.out, a.per_class, a.seed, a.size)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dataset(DatasetCommand::Stats { dir }) => datasets::stats(&dir),
+        Command::Dataset(DatasetCommand::Preview {
+            dir,
+            out,
+            per_class,
+        }) => {
+            datasets::preview(&dir, &out, per_class)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(parse_size("640x480"), Ok((640, 480)));
+        assert_eq!(parse_size("1280X720"), Ok((1280, 720)));
+        for bad in ["640", "0x480", "ax4", "640x-1", ""] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains("WIDTHxHEIGHT"), "{e}");
+        }
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
