@@ -2,3 +2,4 @@
 //! pipeline, the store, MQTT and HTTP. The binary is a thin `main.rs` over [`cli`].
 
 pub mod cli;
+pub mod inspect;

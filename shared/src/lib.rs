@@ -7,11 +7,13 @@ pub mod dataset;
 pub mod frame;
 pub mod fsutil;
 pub mod manifest;
+pub mod metrics;
 pub mod plane;
 pub mod preprocess;
 pub mod result;
+pub mod rules;
 pub mod synth;
 pub mod viz;
 
 pub use frame::{DepthImage, DepthMap, Frame, FrameError, Intrinsics};
-pub use result::{DecidedBy, Finding, FindingKind, Inspection, Measurements};
+pub use result::{DecidedBy, Finding, FindingKind, Inspection, Measurements, RulesNote};

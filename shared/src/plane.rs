@@ -161,7 +161,7 @@ fn solve(pts: &[(f64, f64, f64)], sel: &[bool]) -> Option<DepthPlane> {
 }
 
 /// Cramer's rule; `None` when the points do not span a plane (all on one line).
-fn solve3(m: [[f64; 3]; 3], r: [f64; 3]) -> Option<[f64; 3]> {
+pub(crate) fn solve3(m: [[f64; 3]; 3], r: [f64; 3]) -> Option<[f64; 3]> {
     let det = |m: &[[f64; 3]; 3]| {
         m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
             - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])

@@ -30,12 +30,28 @@ impl DecidedBy {
     }
 }
 
+/// Why the rules could not fully judge a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RulesNote {
+    /// No weld bead was found in the depth image.
+    NoBead,
+    /// Too few pixels carry depth (or they do not form a surface).
+    InsufficientDepth,
+    /// The frame has no depth: the answer comes from image cues only.
+    RgbOnly,
+}
+
 /// The heuristic's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RulesVerdict {
+    /// A class name, or `"unknown"` when the frame could not be judged (see `note`).
     pub class: String,
     /// Calibrated probability that `class` is right, in [0, 1].
     pub confidence: f32,
+    /// Present when the frame was not fully judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<RulesNote>,
 }
 
 /// The neural network's answer.

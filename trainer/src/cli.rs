@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+use weld_core::rules::RulesConfig;
+
 use crate::datasets;
+use crate::rules_cmd::{self, CalibrateOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +27,34 @@ pub enum Command {
     /// Make, check and look at datasets.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Tune the heuristic detector.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Fit the rules' calibration and confidence gate on a labelled dataset; print held-out
+    /// figures; write the complete rules config.
+    Calibrate {
+        /// A labelled dataset whose classes include the rules' class names.
+        dataset: PathBuf,
+        /// Where to write the rules config (TOML).
+        #[arg(long)]
+        out: PathBuf,
+        /// Start from this rules config (thresholds, class names) instead of the defaults.
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// Share of each class held out for the report.
+        #[arg(long, default_value_t = 0.3)]
+        holdout: f64,
+        /// Seed of the split.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Accuracy the confident decisions must reach on the fitting part.
+        #[arg(long, default_value_t = 0.995)]
+        target_accuracy: f64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +126,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dataset(DatasetCommand::Stats { dir }) => datasets::stats(&dir),
+        Command::Rules(RulesCommand::Calibrate {
+            dataset,
+            out,
+            rules,
+            holdout,
+            seed,
+            target_accuracy,
+        }) => {
+            let base = match rules {
+                Some(p) => RulesConfig::load(&p)?,
+                None => RulesConfig::default(),
+            };
+            let opts = CalibrateOptions {
+                holdout,
+                seed,
+                target_accuracy,
+                l2: 1e-3,
+            };
+            rules_cmd::calibrate(&dataset, base, &out, &opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dataset(DatasetCommand::Preview {
             dir,
             out,

@@ -4,3 +4,4 @@
 
 pub mod cli;
 pub mod datasets;
+pub mod rules_cmd;

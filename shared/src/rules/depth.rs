@@ -1,0 +1,1055 @@
+//! The depth analysis: plane fit -> height map -> bead and its axis -> rectified strip along the
+//! bead -> cross-section profiles -> pores, undercut, spatter and burn-through with measurements.
+//!
+//! Heights are mm above the fitted base metal (toward the camera). Thresholds come from
+//! [`DepthRules`] in mm, raised to a multiple of the measured noise where the sensor is noisier,
+//! so the same rules hold for any distance, resolution and camera.
+
+use crate::frame::{DepthMap, Frame};
+use crate::plane::{PlaneFitOptions, fit_plane};
+use crate::result::{Finding, FindingKind, Measurements};
+
+use super::blobs::regions;
+use super::config::DepthRules;
+use super::{Evidence, RulesNote};
+
+/// What the depth analysis concluded.
+#[derive(Debug)]
+pub(super) enum DepthOutcome {
+    Analysed {
+        evidence: Evidence,
+        findings: Vec<Finding>,
+        measurements: Measurements,
+    },
+    Unusable(RulesNote),
+}
+
+/// The strip: the height map resampled along the bead axis, one sample per
+/// pixel; row = position along the bead, column = signed distance across it.
+struct Strip {
+    /// Column of the bead axis.
+    centre_col: usize,
+    /// Image point of row 0, column `centre_col`; `dir` along the bead, `nrm` across it.
+    origin: [f32; 2],
+    dir: [f32; 2],
+    nrm: [f32; 2],
+    /// Heights (NaN = no depth), and the 3x3 NaN-aware mean of them.
+    raw: Vec<f32>,
+    smooth: Vec<f32>,
+}
+
+impl Strip {
+    fn pixel(&self, row: f32, col: f32) -> [f32; 2] {
+        let s = col - self.centre_col as f32;
+        [
+            self.origin[0] + row * self.dir[0] + s * self.nrm[0],
+            self.origin[1] + row * self.dir[1] + s * self.nrm[1],
+        ]
+    }
+
+    /// Row and column (fractional) of an image point.
+    fn coords(&self, x: f32, y: f32) -> (f32, f32) {
+        let (dx, dy) = (x - self.origin[0], y - self.origin[1]);
+        (
+            dx * self.dir[0] + dy * self.dir[1],
+            dx * self.nrm[0] + dy * self.nrm[1] + self.centre_col as f32,
+        )
+    }
+
+    /// Pixel box of strip rows `r0..=r1` and columns `c0..=c1`, clipped to the image.
+    fn bbox(&self, r0: usize, r1: usize, c0: usize, c1: usize, w: usize, h: usize) -> [u32; 4] {
+        let corners = [
+            self.pixel(r0 as f32 - 0.5, c0 as f32 - 0.5),
+            self.pixel(r0 as f32 - 0.5, c1 as f32 + 0.5),
+            self.pixel(r1 as f32 + 0.5, c0 as f32 - 0.5),
+            self.pixel(r1 as f32 + 0.5, c1 as f32 + 0.5),
+        ];
+        let xs = corners.map(|p| p[0]);
+        let ys = corners.map(|p| p[1]);
+        bbox_from(xs, ys, w, h)
+    }
+}
+
+fn bbox_from(xs: [f32; 4], ys: [f32; 4], w: usize, h: usize) -> [u32; 4] {
+    let fmin = |v: [f32; 4]| v.iter().copied().fold(f32::INFINITY, f32::min);
+    let fmax = |v: [f32; 4]| v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let x0 = fmin(xs).floor().clamp(0.0, w as f32 - 1.0) as u32;
+    let y0 = fmin(ys).floor().clamp(0.0, h as f32 - 1.0) as u32;
+    let x1 = fmax(xs).ceil().clamp(0.0, w as f32 - 1.0) as u32;
+    let y1 = fmax(ys).ceil().clamp(0.0, h as f32 - 1.0) as u32;
+    [x0, y0, x1.saturating_sub(x0) + 1, y1.saturating_sub(y0) + 1]
+}
+
+/// Per strip row: where the bead is.
+#[derive(Clone, Copy)]
+struct Row {
+    /// Toe columns (fractional), smoothed along the bead; NaN where unknown.
+    left: f32,
+    right: f32,
+    /// mm per strip sample at this row (the plate's distance / focal length).
+    mm: f32,
+}
+
+/// A toe as found in one profile: its column (NaN if not found) and how many missing samples
+/// the search stepped over just before it.
+#[derive(Clone, Copy)]
+struct Toe {
+    pos: f32,
+    gap: usize,
+}
+
+impl Toe {
+    const NONE: Toe = Toe {
+        pos: f32::NAN,
+        gap: 0,
+    };
+
+    fn clean(&self) -> bool {
+        self.pos.is_finite() && self.gap <= MAX_TOE_GAP
+    }
+}
+
+/// One profile before smoothing along the bead.
+#[derive(Clone, Copy)]
+struct RawRow {
+    left: Toe,
+    right: Toe,
+    crown: f32,
+}
+
+impl RawRow {
+    const NONE: RawRow = RawRow {
+        left: Toe::NONE,
+        right: Toe::NONE,
+        crown: f32::NAN,
+    };
+}
+
+impl Row {
+    fn known(&self) -> bool {
+        self.left.is_finite() && self.right.is_finite()
+    }
+}
+
+/// Longest run of missing samples before a toe for it to count as cleanly seen.
+const MAX_TOE_GAP: usize = 2;
+
+pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    if depth.valid_fraction() < r.min_valid_fraction {
+        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
+    }
+    let opts = PlaneFitOptions {
+        target_samples: 3000,
+        iterations: 4,
+        ..Default::default()
+    };
+    let Some(fit) = fit_plane(depth, &opts) else {
+        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
+    };
+    let (pa, pb, pc) = (fit.plane.a as f32, fit.plane.b as f32, fit.plane.c as f32);
+    // Noise of one depth sample, mm: the plane fit's inlier RMS (sensor noise and texture).
+    let sigma = (fit.rms_mm as f32).max(0.01);
+    let fx = match frame.intrinsics {
+        Some(i) => i.fx as f32,
+        None => w as f32 / (2.0 * (r.assumed_hfov_deg.to_radians() / 2.0).tan()),
+    };
+    let plane_z = |x: f32, y: f32| {
+        let inv = pa * x + pb * y + pc;
+        if inv > 1e-9 { 1.0 / inv } else { f32::NAN }
+    };
+    let centre_mm = plane_z(w as f32 / 2.0, h as f32 / 2.0) / fx;
+    if !(centre_mm.is_finite() && centre_mm > 0.0) {
+        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
+    }
+
+    // Height above the plate at every pixel, mm; NaN where there is no depth.
+    let unit = depth.unit_mm;
+    let mut hm = vec![f32::NAN; w * h];
+    for (y, (out, raw)) in hm
+        .chunks_exact_mut(w)
+        .zip(depth.values.as_raw().chunks_exact(w))
+        .enumerate()
+    {
+        let row0 = pb * y as f32 + pc;
+        for (x, (o, &v)) in out.iter_mut().zip(raw).enumerate() {
+            if v != 0 {
+                *o = 1.0 / (pa * x as f32 + row0) - f32::from(v) * unit;
+            }
+        }
+    }
+
+    // --- the bead on a coarse grid of ~1 mm cells
+    let k = ((1.0 / centre_mm).round() as usize).clamp(2, 8);
+    let (gw, gh) = (w / k, h / k);
+    if gw < 4 || gh < 4 {
+        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
+    }
+    let mut grid = vec![f32::NAN; gw * gh];
+    for gy in 0..gh {
+        for gx in 0..gw {
+            let (mut s, mut n) = (0.0f32, 0u32);
+            for y in gy * k..gy * k + k {
+                for &v in &hm[y * w + gx * k..y * w + gx * k + k] {
+                    if v > -r.hole_far_mm {
+                        s += v;
+                        n += 1;
+                    }
+                }
+            }
+            if n * 4 >= (k * k) as u32 {
+                grid[gy * gw + gx] = s / n as f32;
+            }
+        }
+    }
+    let bead_thr = (0.5 * r.bead_min_height_mm).max(5.0 * sigma / k as f32);
+    let mask: Vec<bool> = grid.iter().map(|&v| v > bead_thr).collect();
+    let cell_mm2 = (k as f32 * centre_mm).powi(2);
+    let cells: Vec<usize> = regions(&mask, gw, true)
+        .into_iter()
+        .filter(|m| m.len() as f32 * cell_mm2 >= r.bead_min_area_mm2)
+        .flatten()
+        .collect();
+    if cells.is_empty() {
+        return DepthOutcome::Unusable(RulesNote::NoBead);
+    }
+    // Principal axis of the bead cells (pixel coordinates).
+    let pts: Vec<[f32; 2]> = cells
+        .iter()
+        .map(|&i| {
+            [
+                ((i % gw) * k) as f32 + k as f32 / 2.0,
+                ((i / gw) * k) as f32 + k as f32 / 2.0,
+            ]
+        })
+        .collect();
+    let n = pts.len() as f32;
+    let mx = pts.iter().map(|p| p[0]).sum::<f32>() / n;
+    let my = pts.iter().map(|p| p[1]).sum::<f32>() / n;
+    let (mut sxx, mut syy, mut sxy) = (0.0f32, 0.0f32, 0.0f32);
+    for p in &pts {
+        let (dx, dy) = (p[0] - mx, p[1] - my);
+        sxx += dx * dx;
+        syy += dy * dy;
+        sxy += dx * dy;
+    }
+    let theta = 0.5 * (2.0 * sxy).atan2(sxx - syy);
+    let dir = [theta.cos(), theta.sin()];
+    let nrm = [-dir[1], dir[0]];
+    let tr = (sxx + syy) / n;
+    let det = (sxx * syy - sxy * sxy) / (n * n);
+    let disc = (tr * tr / 4.0 - det).max(0.0).sqrt();
+    let (l1, l2) = (tr / 2.0 + disc, (tr / 2.0 - disc).max(1e-6));
+    // A bead is long and narrow: length/width >= 2, i.e. eigenvalue ratio >= 4.
+    if l1 / l2 < 4.0 {
+        return DepthOutcome::Unusable(RulesNote::NoBead);
+    }
+    let ts: Vec<f32> = pts
+        .iter()
+        .map(|p| (p[0] - mx) * dir[0] + (p[1] - my) * dir[1])
+        .collect();
+    let cells_len = ts.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        - ts.iter().copied().fold(f32::INFINITY, f32::min)
+        + k as f32;
+    // Width of the part above the threshold, px; the full bead is wider (toes are lower).
+    let core_px = pts.len() as f32 * (k * k) as f32 / cells_len.max(1.0);
+    // The strip runs along the axis for as long as the axis is in the image, so the bead is
+    // followed right to the image edges (the coarse cells stop short of them).
+    let (t0, t1) = axis_span([mx, my], dir, w as f32, h as f32);
+    let len_px = (t1 - t0).max(1.0);
+    let half_cols = ((core_px * 0.8 + (r.undercut_search_mm + 2.0) / centre_mm)
+        .min(22.0 / centre_mm)
+        .ceil() as usize)
+        .max(4);
+
+    // --- the strip
+    let rows = len_px.ceil() as usize + 1;
+    let cols = 2 * half_cols + 1;
+    let origin = [mx + t0 * dir[0], my + t0 * dir[1]];
+    let mut strip = Strip {
+        centre_col: half_cols,
+        origin,
+        dir,
+        nrm,
+        raw: vec![f32::NAN; rows * cols],
+        smooth: vec![f32::NAN; rows * cols],
+    };
+    for i in 0..rows {
+        for j in 0..cols {
+            let p = strip.pixel(i as f32, j as f32);
+            let (x, y) = (p[0].round(), p[1].round());
+            if x >= 0.0 && y >= 0.0 && (x as usize) < w && (y as usize) < h {
+                strip.raw[i * cols + j] = hm[y as usize * w + x as usize];
+            }
+        }
+    }
+    fill_isolated(&mut strip.raw, rows, cols);
+    smooth3(&strip.raw, &mut strip.smooth, rows, cols);
+    let sigma_s = sigma / 3.0; // 3x3 mean of independent noise
+
+    // --- cross-section profiles: crown and toes per row
+    let toe_level = r.toe_level_mm.max(4.0 * sigma_s);
+    let search = ((core_px * 0.7).ceil() as usize).max(2).min(half_cols);
+    let mut raw_rows: Vec<RawRow> = Vec::with_capacity(rows);
+    for i in 0..rows {
+        let line = &strip.smooth[i * cols..(i + 1) * cols];
+        let lo = half_cols - search;
+        let hi = (half_cols + search).min(cols - 1);
+        let mut best = (f32::NEG_INFINITY, half_cols);
+        for (j, &v) in line.iter().enumerate().take(hi + 1).skip(lo) {
+            if v > best.0 {
+                best = (v, j);
+            }
+        }
+        let (crown, cj) = best;
+        if crown.is_nan() || crown < r.bead_min_height_mm {
+            raw_rows.push(RawRow::NONE);
+            continue;
+        }
+        let left = walk_to_toe(line, cj, toe_level, -r.hole_far_mm, false);
+        let right = walk_to_toe(line, cj, toe_level, -r.hole_far_mm, true);
+        raw_rows.push(RawRow { left, right, crown });
+    }
+    let mm_at_row = |i: usize| {
+        let p = strip.pixel(i as f32, half_cols as f32);
+        let z = plane_z(p[0], p[1]);
+        if z.is_finite() { z / fx } else { centre_mm }
+    };
+    // Toes smoothed with a running median over ~2 mm along the bead, so a defect that breaks
+    // a few profiles (a hole, a deep pore) does not move the bead's edges. A toe seen only
+    // across a gap of missing depth (dropouts on a glaring flank) is placed at the far end of
+    // the gap, which overstates the width; where possible it is taken instead from the other
+    // toe and the median width of rows that show both toes cleanly.
+    let mut clean: Vec<f32> = raw_rows
+        .iter()
+        .filter(|r| r.left.clean() && r.right.clean())
+        .map(|r| r.right.pos - r.left.pos)
+        .collect();
+    let clean_width = median(&mut clean);
+    let half_win = ((2.0 / centre_mm).round() as usize).max(2);
+    let mut prof: Vec<Row> = Vec::with_capacity(rows);
+    let window_median = |i: usize, pick: &dyn Fn(&RawRow) -> Option<f32>| {
+        let mut buf: Vec<f32> = raw_rows[i.saturating_sub(half_win)..(i + half_win + 1).min(rows)]
+            .iter()
+            .filter_map(pick)
+            .collect();
+        if buf.len() >= 3 {
+            median(&mut buf)
+        } else {
+            f32::NAN
+        }
+    };
+    for i in 0..rows {
+        let l_clean = window_median(i, &|r| r.left.clean().then_some(r.left.pos));
+        let r_clean = window_median(i, &|r| r.right.clean().then_some(r.right.pos));
+        let l_any = window_median(i, &|r| r.left.pos.is_finite().then_some(r.left.pos));
+        let r_any = window_median(i, &|r| r.right.pos.is_finite().then_some(r.right.pos));
+        let (left, right) = match (
+            l_clean.is_finite(),
+            r_clean.is_finite(),
+            clean_width.is_finite(),
+        ) {
+            (true, true, _) => (l_clean, r_clean),
+            (true, false, true) => (l_clean, (l_clean + clean_width).min(r_any.max(l_clean))),
+            (false, true, true) => ((r_clean - clean_width).max(l_any.min(r_clean)), r_clean),
+            _ => (l_any, r_any),
+        };
+        let known = left.is_finite() && right.is_finite() && right > left;
+        prof.push(Row {
+            left: if known { left } else { f32::NAN },
+            right: if known { right } else { f32::NAN },
+            mm: mm_at_row(i),
+        });
+    }
+    let mut widths: Vec<f32> = prof
+        .iter()
+        .filter(|p| p.known())
+        .map(|p| (p.right - p.left) * p.mm)
+        .collect();
+    let known_rows = widths.len();
+    if (known_rows as f32) * centre_mm < 4.0 {
+        // Less than 4 mm of bead with both toes visible.
+        return DepthOutcome::Unusable(RulesNote::NoBead);
+    }
+    let bead_width_mm = median(&mut widths);
+    let mut crowns: Vec<f32> = raw_rows
+        .iter()
+        .map(|r| r.crown)
+        .filter(|v| v.is_finite())
+        .collect();
+    let bead_height_mm = median(&mut crowns);
+    // Bead position for every row: its own toes, or those of the nearest row that has them
+    // (near the image edges and across holes the toes are not visible).
+    let mut zones: Vec<(f32, f32)> = vec![(f32::NAN, f32::NAN); rows];
+    let mut last = None;
+    for (i, p) in prof.iter().enumerate() {
+        if p.known() {
+            last = Some((p.left, p.right));
+        }
+        if let Some(z) = last {
+            zones[i] = z;
+        }
+    }
+    let mut next = None;
+    for i in (0..rows).rev() {
+        if prof[i].known() {
+            next = Some((prof[i].left, prof[i].right));
+        }
+        match (next, prof[i].known()) {
+            (Some(z), false) if !zones[i].0.is_finite() => zones[i] = z,
+            // Between two known rows, take the nearer one's (the earlier fill took the one before).
+            (Some(z), false) => {
+                let before = (0..i)
+                    .rev()
+                    .find(|&q| prof[q].known())
+                    .map_or(usize::MAX, |q| i - q);
+                let after = (i..rows)
+                    .find(|&q| prof[q].known())
+                    .map_or(usize::MAX, |q| q - i);
+                if after < before {
+                    zones[i] = z;
+                }
+            }
+            _ => {}
+        }
+    }
+    let zone = |i: usize| zones[i.min(rows - 1)];
+
+    let mut findings = Vec::new();
+    let mut evidence = Evidence {
+        noise_mm: sigma_s,
+        ..Evidence::default()
+    };
+
+    // --- spatter and burn-through: regions of the full-resolution height map, placed
+    // relative to the bead found above.
+    let sp_mask_thr = (0.6 * r.spatter_min_height_mm).max(3.5 * sigma);
+    let sp_thr = r.spatter_min_height_mm.max(5.0 * sigma);
+    let margin_sp = 1.0 / centre_mm;
+    let margin_bt = 1.0 / centre_mm;
+    let reach = r.spatter_reach_mm / centre_mm;
+    let mut sp_mask = vec![false; w * h];
+    let mut hole_mask = vec![false; w * h];
+    let mut far_mask = vec![false; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let q = y * w + x;
+            let v = hm[q];
+            let hole = v.is_nan() || v <= -r.hole_far_mm; // no return, or far behind the plate
+            if !(hole || v > sp_mask_thr) {
+                continue;
+            }
+            let (ri, cj) = strip.coords(x as f32, y as f32);
+            let (l, rt) = zone(ri.round().clamp(0.0, rows as f32 - 1.0) as usize);
+            if hole {
+                let inside = cj >= l - margin_bt && cj <= rt + margin_bt;
+                // Far returns and no returns are labelled apart: a far hole is a hole however it
+                // touches a dropout, while a dropout region is judged by its darkness.
+                if v.is_nan() {
+                    hole_mask[q] = inside;
+                } else {
+                    far_mask[q] = inside;
+                }
+            } else {
+                let outside = cj < l - margin_sp || cj > rt + margin_sp;
+                let near = cj > l - reach && cj < rt + reach;
+                sp_mask[q] = outside && near;
+            }
+        }
+    }
+    let luma = |q: usize| {
+        let p = frame.rgb().as_raw();
+        0.299 * f32::from(p[3 * q])
+            + 0.587 * f32::from(p[3 * q + 1])
+            + 0.114 * f32::from(p[3 * q + 2])
+    };
+    let mut burn_area = 0.0f32;
+    let mut hole_zones: Vec<[f32; 4]> = Vec::new();
+    let holes: Vec<Vec<usize>> = regions(&far_mask, w, true)
+        .into_iter()
+        .chain(regions(&hole_mask, w, true))
+        .collect();
+    if !holes.is_empty() {
+        // Reference brightness: the bead surface (rows with toes, the middle half of the bead).
+        let mut bead_luma = Vec::new();
+        for i in (0..rows).step_by(3) {
+            let p = prof[i];
+            if !p.known() {
+                continue;
+            }
+            let c = (p.left + p.right) / 2.0;
+            let q = (p.right - p.left) / 4.0;
+            for jj in [c - q, c, c + q] {
+                let px = strip.pixel(i as f32, jj);
+                let (x, y) = (px[0].round(), px[1].round());
+                if x >= 0.0 && y >= 0.0 && (x as usize) < w && (y as usize) < h {
+                    bead_luma.push(luma(y as usize * w + x as usize));
+                }
+            }
+        }
+        let ref_luma = if bead_luma.is_empty() {
+            128.0
+        } else {
+            median(&mut bead_luma).max(1.0)
+        };
+        let dark_luma = r.burn_dark_ratio * ref_luma;
+        for reg in holes {
+            // A far region is seen through a hole; a region without returns counts only where
+            // it is also dark (a hole), not where it is bright (a glint) or plain (a dropout).
+            let seen = if reg.first().is_some_and(|&q| hm[q].is_nan()) {
+                reg.iter().filter(|&&q| luma(q) < dark_luma).count()
+            } else {
+                reg.len()
+            };
+            let area = seen as f32 * centre_mm * centre_mm;
+            if area < r.burn_min_area_mm2 {
+                continue;
+            }
+            burn_area = burn_area.max(area);
+            // The crater around a hole (the sagging bead, its rim) is part of the burn-through:
+            // pits and grooves within one hole diameter (and 1 mm) of it are not counted apart.
+            let bb = pixel_bbox(&reg, w);
+            let grow = bb[2].max(bb[3]) as f32 + 1.0 / centre_mm;
+            hole_zones.push([
+                bb[0] as f32 - grow,
+                bb[1] as f32 - grow,
+                (bb[0] + bb[2]) as f32 + grow,
+                (bb[1] + bb[3]) as f32 + grow,
+            ]);
+            evidence.burn = evidence.burn.max((area / r.burn_min_area_mm2).sqrt());
+            let mut f = Finding::new(FindingKind::BurnThrough, pixel_bbox(&reg, w));
+            f.area_mm2 = Some(round2(area));
+            findings.push(f);
+        }
+    }
+
+    let mut spatter_count = 0u32;
+    for reg in regions(&sp_mask, w, true) {
+        if reg.len() < 2 {
+            continue;
+        }
+        let peak = reg.iter().map(|&q| hm[q]).fold(0.0f32, f32::max);
+        let area = reg.len() as f32 * centre_mm * centre_mm;
+        let diameter = 2.0 * (area / std::f32::consts::PI).sqrt();
+        let [dmin, dmax] = r.spatter_diameter_mm;
+        let bb = pixel_bbox(&reg, w);
+        let centre = [
+            bb[0] as f32 + bb[2] as f32 / 2.0,
+            bb[1] as f32 + bb[3] as f32 / 2.0,
+        ];
+        if peak < sp_thr || diameter < dmin || diameter > dmax || near_hole(&hole_zones, centre) {
+            continue;
+        }
+        spatter_count += 1;
+        evidence.spatter = evidence.spatter.max(peak / sp_thr);
+        let mut f = Finding::new(FindingKind::Spatter, bb);
+        f.diameter_mm = Some(round2(diameter));
+        findings.push(f);
+    }
+    if spatter_count > 1 {
+        // Several droplets are stronger evidence than one: add a little per extra droplet.
+        evidence.spatter += 0.25 * (spatter_count - 1).min(8) as f32;
+    }
+
+    // --- pores: compact pits below the local bead surface, inside the bead.
+    // The bead is first straightened: each row is resampled at fixed offsets from the bead's
+    // centre line, smoothed over the pore window along the bead from rows whose toes are both
+    // cleanly seen. Following one offset along the bead then stays at the same place on the
+    // cross-section where the bead wanders; on the steep flanks a 0.3 mm sideways shift would
+    // otherwise look like a 0.4 mm pit.
+    let mut halves: Vec<f32> = prof
+        .iter()
+        .filter(|p| p.known())
+        .map(|p| (p.right - p.left) / 2.0)
+        .collect();
+    let half_med = median(&mut halves);
+    let m_cols = ((2.0 * r.pore_band * half_med).round() as usize).max(3);
+    let u_at = |m: usize| r.pore_band * (2.0 * m as f32 / (m_cols - 1) as f32 - 1.0);
+    let centre_win = ((r.pore_window_mm / centre_mm).round() as usize).max(3);
+    let clean_centre: Vec<f32> = raw_rows
+        .iter()
+        .map(|q| {
+            if q.left.clean() && q.right.clean() {
+                (q.left.pos + q.right.pos) / 2.0
+            } else {
+                f32::NAN
+            }
+        })
+        .collect();
+    // Samples next to a missing one (after filling isolated dropouts) are not used: next to a dropout the neighbourhood is
+    // one-sided and the bead's shape there cannot be told from a pit.
+    let near_missing = dilate_missing(&strip.raw, rows, cols, 1);
+    let centre_line = fit_centre_line(&clean_centre);
+    let mut bead = vec![f32::NAN; rows * m_cols];
+    let mut bead_col = vec![f32::NAN; rows * m_cols];
+    let mut buf = Vec::new();
+    for (i, p) in prof.iter().enumerate() {
+        if !p.known() {
+            continue;
+        }
+        buf.clear();
+        buf.extend(
+            clean_centre[i.saturating_sub(centre_win)..(i + centre_win + 1).min(rows)]
+                .iter()
+                .filter(|v| v.is_finite()),
+        );
+        let c = if buf.len() >= 5 {
+            median(&mut buf)
+        } else {
+            centre_line(i as f32)
+        };
+        let line = &strip.smooth[i * cols..(i + 1) * cols];
+        for m in 0..m_cols {
+            let col = c + u_at(m) * half_med;
+            bead_col[i * m_cols + m] = col;
+            let v = lerp_at(line, col);
+            let nj = col.round().clamp(0.0, (cols - 1) as f32) as usize;
+            // Depth far behind the plate is seen through a hole: not a surface to find pits in.
+            bead[i * m_cols + m] = if v > -r.hole_far_mm && !near_missing[i * cols + nj] {
+                v
+            } else {
+                f32::NAN
+            };
+        }
+    }
+    let pore_window = ((r.pore_window_mm / 2.0 / centre_mm).round() as usize).max(3);
+    let trim = (0.5 * r.pore_min_depth_mm).max(3.0 * sigma_s);
+    let mask_thr = (0.5 * r.pore_min_depth_mm).max(3.0 * sigma_s);
+    let pore_thr = r.pore_min_depth_mm.max(5.0 * sigma_s);
+    let uc_row_floor = r.pore_min_depth_mm.max(5.0 * sigma_s);
+    let resid = pit_residuals(&bead, rows, m_cols, pore_window, trim);
+    let pmask: Vec<bool> = resid.iter().map(|&v| v > mask_thr).collect();
+    let mut pore_count = 0u32;
+    for reg in regions(&pmask, m_cols, false) {
+        let depth_mm = reg.iter().map(|&q| resid[q]).fold(0.0f32, f32::max);
+        let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
+        let (mut x0, mut y0, mut x1, mut y1) = (f32::MAX, f32::MAX, f32::MIN, f32::MIN);
+        for &q in &reg {
+            let (ri, mi) = (q / m_cols, q % m_cols);
+            r0 = r0.min(ri);
+            r1 = r1.max(ri);
+            c0 = c0.min(mi);
+            c1 = c1.max(mi);
+            let px = strip.pixel(ri as f32, bead_col[q]);
+            x0 = x0.min(px[0]);
+            x1 = x1.max(px[0]);
+            y0 = y0.min(px[1]);
+            y1 = y1.max(px[1]);
+        }
+        let mm = prof[(r0 + r1) / 2].mm;
+        let area = reg.len() as f32 * mm * mm;
+        let diameter = 2.0 * (area / std::f32::consts::PI).sqrt();
+        let (et, es) = ((r1 - r0 + 1) as f32, (c1 - c0 + 1) as f32);
+        let aspect = et.max(es) / et.min(es);
+        let [dmin, dmax] = r.pore_diameter_mm;
+        let centre = [(x0 + x1) / 2.0, (y0 + y1) / 2.0];
+        // A pit whose floor lies below the plate went through the bead: a crater, not a pore.
+        let floor = reg.iter().map(|&q| bead[q]).fold(f32::INFINITY, f32::min);
+        if depth_mm < pore_thr
+            || floor < -uc_row_floor
+            || diameter < dmin
+            || diameter > dmax
+            || aspect > 3.0
+            || near_hole(&hole_zones, centre)
+        {
+            continue;
+        }
+        pore_count += 1;
+        evidence.pore = evidence.pore.max(depth_mm / pore_thr);
+        let mut f = Finding::new(
+            FindingKind::Pore,
+            bbox_from([x0, x1, x0, x1], [y0, y1, y0, y1], w, h),
+        );
+        f.depth_mm = Some(round2(depth_mm));
+        f.diameter_mm = Some(round2(diameter));
+        findings.push(f);
+    }
+
+    // --- undercut: a groove below the plate just outside a toe, along the bead
+    let uc_thr = r.undercut_min_depth_mm.max(5.0 * sigma_s);
+    let uc_row_thr = (0.7 * r.undercut_min_depth_mm).max(4.0 * sigma_s);
+    let mut undercut_depth = 0.0f32;
+    for side in [false, true] {
+        // Per row: deepest point within the search distance beyond the toe, mm below plate.
+        let groove: Vec<Option<(f32, usize)>> = (0..rows)
+            .map(|i| {
+                let p = prof[i];
+                if !p.known() {
+                    return None;
+                }
+                let reach = r.undercut_search_mm / p.mm;
+                let line = &strip.smooth[i * cols..(i + 1) * cols];
+                let (from, to) = if side {
+                    (p.right.floor(), p.right + reach)
+                } else {
+                    (p.left - reach, p.left.ceil())
+                };
+                let (from, to) = (from.max(0.0) as usize, (to.max(0.0) as usize).min(cols - 1));
+                let mut best: Option<(f32, usize)> = None;
+                for (j, &v) in line.iter().enumerate().take(to + 1).skip(from) {
+                    // (NaN and depth seen through a hole are no groove floor.)
+                    if v > -r.hole_far_mm && best.is_none_or(|b| -v > b.0) {
+                        best = Some((-v, j));
+                    }
+                }
+                best.filter(|b| b.0 >= uc_row_thr)
+            })
+            .collect();
+        // Runs of groove rows, bridging gaps up to 1 mm.
+        let gap = ((1.0 / centre_mm).round() as usize).max(1);
+        let mut i = 0;
+        while i < rows {
+            if groove[i].is_none() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            let mut end = i;
+            let mut j = i + 1;
+            while j < rows && j <= end + gap + 1 {
+                if groove[j].is_some() {
+                    end = j;
+                }
+                j += 1;
+            }
+            i = end + 1;
+            let mut depths: Vec<f32> = groove[start..=end].iter().flatten().map(|g| g.0).collect();
+            let length_mm: f32 = (start..=end).map(|q| prof[q].mm).sum();
+            let depth_mm = median(&mut depths);
+            let in_crater = (start..=end)
+                .filter_map(|q| groove[q].map(|g| strip.pixel(q as f32, g.1 as f32)))
+                .filter(|p| near_hole(&hole_zones, *p))
+                .count()
+                * 2
+                > (end - start + 1);
+            if length_mm < r.undercut_min_length_mm || depth_mm < uc_thr || in_crater {
+                continue;
+            }
+            undercut_depth = undercut_depth.max(depth_mm);
+            // A long groove is stronger evidence than a short one of the same depth: noise does
+            // not line up along a toe for centimetres.
+            let strength = depth_mm / uc_thr * (length_mm / r.undercut_min_length_mm).sqrt();
+            evidence.undercut = evidence.undercut.max(strength);
+            let (c0, c1) = groove[start..=end]
+                .iter()
+                .flatten()
+                .fold((usize::MAX, 0), |(a, b), g| (a.min(g.1), b.max(g.1)));
+            let mut f = Finding::new(FindingKind::Undercut, strip.bbox(start, end, c0, c1, w, h));
+            f.depth_mm = Some(round2(depth_mm));
+            f.length_mm = Some(round2(length_mm));
+            findings.push(f);
+        }
+    }
+
+    let measurements = Measurements {
+        bead_width_mm: Some(round2(bead_width_mm)),
+        bead_height_mm: Some(round2(bead_height_mm)),
+        pore_count: Some(pore_count),
+        undercut_depth_mm: Some(round2(undercut_depth)),
+        spatter_count: Some(spatter_count),
+        burn_through_area_mm2: Some(round2(burn_area)),
+    };
+    DepthOutcome::Analysed {
+        evidence,
+        findings,
+        measurements,
+    }
+}
+
+/// How far each sample lies below its local surface along the bead (mm, positive = pit):
+/// per column of `grid` (`rows` x `cols`), the reference is the mean over `±window` rows of the
+/// samples not more than `trim` below the plain window mean, so a pit does not pull its own
+/// reference down. The reference changes slowly along the bead (it spans millimetres), so it is
+/// computed every [`REF_STEP`] rows and interpolated between. NaN where there is no sample or
+/// too few neighbours.
+fn pit_residuals(grid: &[f32], rows: usize, cols: usize, window: usize, trim: f32) -> Vec<f32> {
+    // Column-wise prefix sums (NaN skipped) give each window's plain mean in O(1).
+    let mut psum = vec![0.0f64; (rows + 1) * cols];
+    let mut pcnt = vec![0u32; (rows + 1) * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            let v = grid[i * cols + j];
+            let ok = v.is_finite();
+            psum[(i + 1) * cols + j] = psum[i * cols + j] + if ok { f64::from(v) } else { 0.0 };
+            pcnt[(i + 1) * cols + j] = pcnt[i * cols + j] + u32::from(ok);
+        }
+    }
+    let reference = |i: usize, j: usize| -> f32 {
+        let (a, b) = (i.saturating_sub(window), (i + window + 1).min(rows));
+        let n1 = pcnt[b * cols + j] - pcnt[a * cols + j];
+        if n1 < 3 {
+            return f32::NAN;
+        }
+        let m1 = ((psum[b * cols + j] - psum[a * cols + j]) / f64::from(n1)) as f32;
+        let (mut s2, mut n2) = (0.0f32, 0u32);
+        for ii in a..b {
+            let u = grid[ii * cols + j];
+            if u >= m1 - trim {
+                s2 += u;
+                n2 += 1;
+            }
+        }
+        if n2 >= 3 { s2 / n2 as f32 } else { f32::NAN }
+    };
+    let knots: Vec<usize> = (0..rows).step_by(REF_STEP).chain([rows - 1]).collect();
+    let mut resid = vec![f32::NAN; rows * cols];
+    for j in 0..cols {
+        let refs: Vec<f32> = knots.iter().map(|&i| reference(i, j)).collect();
+        for (k, pair) in knots.windows(2).enumerate() {
+            let (i0, i1) = (pair[0], pair[1]);
+            for i in i0..=i1 {
+                let v = grid[i * cols + j];
+                if !v.is_finite() {
+                    continue;
+                }
+                let f = if i1 > i0 {
+                    (i - i0) as f32 / (i1 - i0) as f32
+                } else {
+                    0.0
+                };
+                let r = refs[k] + (refs[k + 1] - refs[k]) * f;
+                resid[i * cols + j] = r - v;
+            }
+        }
+    }
+    resid
+}
+
+/// Rows between computed references in [`pit_residuals`].
+const REF_STEP: usize = 4;
+
+/// A quadratic `c(row)` through the finite centres, refitted twice without the centres more
+/// than 1.5 samples off (rows where a defect or dropout moved a toe); the median centre when
+/// too few rows have one.
+fn fit_centre_line(centres: &[f32]) -> impl Fn(f32) -> f32 {
+    let pts: Vec<(f64, f64)> = centres
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.is_finite())
+        .map(|(i, &c)| (i as f64, f64::from(c)))
+        .collect();
+    let mut sorted: Vec<f32> = pts.iter().map(|p| p.1 as f32).collect();
+    let fallback = f64::from(median(&mut sorted));
+    let mut coef = [fallback, 0.0, 0.0];
+    let mut keep = vec![true; pts.len()];
+    for _ in 0..3 {
+        // Normal equations of c = a + b i + q i^2 over the kept points (i scaled to ~1).
+        let scale = centres.len().max(1) as f64;
+        let mut m = [[0.0f64; 3]; 3];
+        let mut rhs = [0.0f64; 3];
+        for (&(i, c), _) in pts.iter().zip(&keep).filter(|(_, k)| **k) {
+            let x = i / scale;
+            let row = [1.0, x, x * x];
+            for a in 0..3 {
+                for b in 0..3 {
+                    m[a][b] += row[a] * row[b];
+                }
+                rhs[a] += row[a] * c;
+            }
+        }
+        match crate::plane::solve3(m, rhs) {
+            Some([a, b, q]) => coef = [a, b / scale, q / (scale * scale)],
+            None => break,
+        }
+        for (k, &(i, c)) in keep.iter_mut().zip(&pts) {
+            *k = (c - (coef[0] + coef[1] * i + coef[2] * i * i)).abs() <= 1.5;
+        }
+    }
+    move |i: f32| {
+        let i = f64::from(i);
+        (coef[0] + coef[1] * i + coef[2] * i * i) as f32
+    }
+}
+
+/// Fills missing samples that have at least 6 of their 8 neighbours with the mean of those
+/// neighbours: isolated dropouts (specular glints on the bead crown) are common, and a ring mean
+/// is unbiased on a slope where a one-sided mean is not. Larger holes stay missing.
+fn fill_isolated(grid: &mut [f32], rows: usize, cols: usize) {
+    let src = grid.to_vec();
+    for i in 1..rows.saturating_sub(1) {
+        for j in 1..cols.saturating_sub(1) {
+            if src[i * cols + j].is_finite() {
+                continue;
+            }
+            let (mut s, mut n) = (0.0f32, 0u32);
+            for ii in i - 1..=i + 1 {
+                for &v in &src[ii * cols + j - 1..=ii * cols + j + 1] {
+                    if v.is_finite() {
+                        s += v;
+                        n += 1;
+                    }
+                }
+            }
+            if n >= 6 {
+                grid[i * cols + j] = s / n as f32;
+            }
+        }
+    }
+}
+
+/// Marks every sample within `reach` (Chebyshev distance) of a missing (NaN) one.
+fn dilate_missing(grid: &[f32], rows: usize, cols: usize, reach: usize) -> Vec<bool> {
+    // Separable: first along rows, then along columns.
+    let mut horiz = vec![false; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            let (a, b) = (j.saturating_sub(reach), (j + reach + 1).min(cols));
+            horiz[i * cols + j] = grid[i * cols + a..i * cols + b].iter().any(|v| v.is_nan());
+        }
+    }
+    let mut out = vec![false; rows * cols];
+    for i in 0..rows {
+        let (a, b) = (i.saturating_sub(reach), (i + reach + 1).min(rows));
+        for j in 0..cols {
+            out[i * cols + j] = (a..b).any(|ii| horiz[ii * cols + j]);
+        }
+    }
+    out
+}
+
+/// Whether an image point lies in one of the (grown) hole boxes `[x0, y0, x1, y1]`.
+fn near_hole(zones: &[[f32; 4]], p: [f32; 2]) -> bool {
+    zones
+        .iter()
+        .any(|z| p[0] >= z[0] && p[0] <= z[2] && p[1] >= z[1] && p[1] <= z[3])
+}
+
+/// Linear interpolation of `line` at fractional index `x`; NaN outside or next to no depth.
+fn lerp_at(line: &[f32], x: f32) -> f32 {
+    if x.is_nan() || x < 0.0 || x > (line.len() - 1) as f32 {
+        return f32::NAN;
+    }
+    let i = x.floor() as usize;
+    let f = x - i as f32;
+    match line.get(i + 1) {
+        Some(&b) if f > 0.0 => line[i] + (b - line[i]) * f,
+        _ => line[i],
+    }
+}
+
+/// The toe: the column where the profile first drops to `level` walking from `from`
+/// (fractional, linear between samples), stepping over missing samples and samples below
+/// `far` (seen through a hole: the bead goes on beyond it) and counting the longest such gap;
+/// not found if the strip edge comes first.
+fn walk_to_toe(line: &[f32], from: usize, level: f32, far: f32, right: bool) -> Toe {
+    let mut prev = (from, line[from]);
+    let mut j = from;
+    let (mut gap, mut longest) = (0, 0);
+    loop {
+        if right {
+            if j + 1 >= line.len() {
+                return Toe::NONE;
+            }
+            j += 1;
+        } else {
+            if j == 0 {
+                return Toe::NONE;
+            }
+            j -= 1;
+        }
+        let v = line[j];
+        if v.is_nan() || v <= far {
+            gap += 1;
+            longest = longest.max(gap);
+            continue;
+        }
+        gap = 0;
+        if v <= level {
+            let (pj, pv) = prev;
+            let frac = if pv > v { (pv - level) / (pv - v) } else { 0.0 };
+            let step = j as f32 - pj as f32;
+            return Toe {
+                pos: pj as f32 + frac.clamp(0.0, 1.0) * step,
+                gap: longest,
+            };
+        }
+        prev = (j, v);
+    }
+}
+
+/// The range of `t` for which `centre + t * dir` lies inside a `w` x `h` image.
+fn axis_span(centre: [f32; 2], dir: [f32; 2], w: f32, h: f32) -> (f32, f32) {
+    let (mut lo, mut hi) = (f32::NEG_INFINITY, f32::INFINITY);
+    for (c, d, size) in [(centre[0], dir[0], w), (centre[1], dir[1], h)] {
+        if d.abs() > 1e-6 {
+            let (a, b) = ((0.0 - c) / d, (size - 1.0 - c) / d);
+            lo = lo.max(a.min(b));
+            hi = hi.min(a.max(b));
+        }
+    }
+    if lo.is_finite() && hi.is_finite() && lo < hi {
+        (lo, hi)
+    } else {
+        (0.0, 1.0)
+    }
+}
+
+/// 3x3 mean of the valid samples where at least 8 of the 9 are valid, else NaN: on a steep
+/// bead flank a mean over a one-sided neighbourhood would be biased by the slope. Separable:
+/// sums and counts along rows, then along columns.
+fn smooth3(src: &[f32], dst: &mut [f32], rows: usize, cols: usize) {
+    let mut hs = vec![0.0f32; rows * cols];
+    let mut hn = vec![0u8; rows * cols];
+    for i in 0..rows {
+        let row = &src[i * cols..(i + 1) * cols];
+        for j in 0..cols {
+            let (mut s, mut n) = (0.0f32, 0u8);
+            for &v in &row[j.saturating_sub(1)..(j + 2).min(cols)] {
+                if v.is_finite() {
+                    s += v;
+                    n += 1;
+                }
+            }
+            hs[i * cols + j] = s;
+            hn[i * cols + j] = n;
+        }
+    }
+    for i in 0..rows {
+        let (a, b) = (i.saturating_sub(1), (i + 2).min(rows));
+        // Border samples have 6 (edge) or 4 (corner) neighbours in all.
+        let tall = b - a;
+        for j in 0..cols {
+            let wide = (j + 2).min(cols) - j.saturating_sub(1);
+            let (mut s, mut n) = (0.0f32, 0usize);
+            for ii in a..b {
+                s += hs[ii * cols + j];
+                n += usize::from(hn[ii * cols + j]);
+            }
+            dst[i * cols + j] = if n > 0 && n + 1 >= tall * wide {
+                s / n as f32
+            } else {
+                f32::NAN
+            };
+        }
+    }
+}
+
+fn pixel_bbox(reg: &[usize], w: usize) -> [u32; 4] {
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+    for &q in reg {
+        let (x, y) = (q % w, q / w);
+        x0 = x0.min(x);
+        y0 = y0.min(y);
+        x1 = x1.max(x);
+        y1 = y1.max(y);
+    }
+    [
+        x0 as u32,
+        y0 as u32,
+        (x1 - x0 + 1) as u32,
+        (y1 - y0 + 1) as u32,
+    ]
+}
+
+/// Median of finite values (reorders `v`); NaN when empty.
+pub(super) fn median(v: &mut [f32]) -> f32 {
+    if v.is_empty() {
+        return f32::NAN;
+    }
+    let mid = v.len() / 2;
+    *v.select_nth_unstable_by(mid, f32::total_cmp).1
+}
+
+fn round2(v: f32) -> f32 {
+    (v * 100.0).round() / 100.0
+}
