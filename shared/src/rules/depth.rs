@@ -277,7 +277,9 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
     for i in 0..rows {
         for j in 0..cols {
             let p = strip.pixel(i as f32, j as f32);
-            let (x, y) = (p[0].round(), p[1].round());
+            // Nearest pixel: +0.5 then truncation (a floor for the non-negative values kept)
+            // instead of `round`, which is a library call on baseline x86_64 and aarch64.
+            let (x, y) = (p[0] + 0.5, p[1] + 0.5);
             if x >= 0.0 && y >= 0.0 && (x as usize) < w && (y as usize) < h {
                 strip.raw[i * cols + j] = hm[y as usize * w + x as usize];
             }
