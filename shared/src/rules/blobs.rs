@@ -2,18 +2,23 @@
 //! because the detector labels sparse masks over strips and sample lists, not whole images, and
 //! needs only the members of each region.
 
-/// Connected regions of `mask` (row-major, `w` wide), as lists of member indices.
-/// `diagonal` selects 8-connectivity (else 4). Regions are ordered by their first member.
-pub fn regions(mask: &[bool], w: usize, diagonal: bool) -> Vec<Vec<usize>> {
+/// Connected regions of `mask` (row-major, `w` wide) that contain one of `seeds`, as lists of
+/// member indices; `diagonal` selects 8-connectivity (else 4). The mask is consumed: members are
+/// cleared as they are visited, so a sparse mask costs only its set cells, not its area.
+pub fn regions(
+    mask: &mut [bool],
+    w: usize,
+    seeds: impl IntoIterator<Item = usize>,
+    diagonal: bool,
+) -> Vec<Vec<usize>> {
     let h = mask.len().checked_div(w).unwrap_or(0);
-    let mut seen = vec![false; mask.len()];
     let mut out = Vec::new();
     let mut stack = Vec::new();
-    for start in 0..mask.len() {
-        if !mask[start] || seen[start] {
+    for start in seeds {
+        if !mask.get(start).copied().unwrap_or(false) {
             continue;
         }
-        seen[start] = true;
+        mask[start] = false;
         stack.push(start);
         let mut members = Vec::new();
         while let Some(i) = stack.pop() {
@@ -29,8 +34,8 @@ pub fn regions(mask: &[bool], w: usize, diagonal: bool) -> Vec<Vec<usize>> {
                         continue;
                     }
                     let j = ny as usize * w + nx as usize;
-                    if mask[j] && !seen[j] {
-                        seen[j] = true;
+                    if mask[j] {
+                        mask[j] = false;
                         stack.push(j);
                     }
                 }
@@ -51,9 +56,11 @@ mod tests {
         // 0 1 0
         // 0 0 1   one region diagonally, three with 4-connectivity.
         let m = [true, false, false, false, true, false, false, false, true];
-        assert_eq!(regions(&m, 3, true).len(), 1);
-        assert_eq!(regions(&m, 3, false).len(), 3);
-        assert_eq!(regions(&m, 3, true)[0].len(), 3);
-        assert!(regions(&[], 0, true).is_empty());
+        assert_eq!(regions(&mut m.clone(), 3, 0..9, true).len(), 1);
+        assert_eq!(regions(&mut m.clone(), 3, 0..9, false).len(), 3);
+        assert_eq!(regions(&mut m.clone(), 3, 0..9, true)[0].len(), 3);
+        // Only regions reached from a seed are returned.
+        assert_eq!(regions(&mut m.clone(), 3, [8], false), vec![vec![8]]);
+        assert!(regions(&mut [], 0, 0..0, true).is_empty());
     }
 }

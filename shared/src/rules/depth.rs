@@ -203,9 +203,9 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
         }
     }
     let bead_thr = (0.5 * r.bead_min_height_mm).max(5.0 * sigma / k as f32);
-    let mask: Vec<bool> = grid.iter().map(|&v| v > bead_thr).collect();
+    let mut bead_cell: Vec<bool> = grid.iter().map(|&v| v > bead_thr).collect();
     let cell_mm2 = (k as f32 * centre_mm).powi(2);
-    let cells: Vec<usize> = regions(&mask, gw, true)
+    let cells: Vec<usize> = regions(&mut bead_cell, gw, 0..gw * gh, true)
         .into_iter()
         .filter(|m| m.len() as f32 * cell_mm2 >= r.bead_min_area_mm2)
         .flatten()
@@ -433,6 +433,7 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
     let mut sp_mask = vec![false; w * h];
     let mut hole_mask = vec![false; w * h];
     let mut far_mask = vec![false; w * h];
+    let (mut sp_seeds, mut hole_seeds, mut far_seeds) = (Vec::new(), Vec::new(), Vec::new());
     for y in 0..h {
         for x in 0..w {
             let q = y * w + x;
@@ -447,15 +448,20 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
                 let inside = cj >= l - margin_bt && cj <= rt + margin_bt;
                 // Far returns and no returns are labelled apart: a far hole is a hole however it
                 // touches a dropout, while a dropout region is judged by its darkness.
-                if v.is_nan() {
-                    hole_mask[q] = inside;
-                } else {
-                    far_mask[q] = inside;
+                if inside && v.is_nan() {
+                    hole_mask[q] = true;
+                    hole_seeds.push(q);
+                } else if inside {
+                    far_mask[q] = true;
+                    far_seeds.push(q);
                 }
             } else {
                 let outside = cj < l - margin_sp || cj > rt + margin_sp;
                 let near = cj > l - reach && cj < rt + reach;
-                sp_mask[q] = outside && near;
+                if outside && near {
+                    sp_mask[q] = true;
+                    sp_seeds.push(q);
+                }
             }
         }
     }
@@ -467,9 +473,9 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
     };
     let mut burn_area = 0.0f32;
     let mut hole_zones: Vec<[f32; 4]> = Vec::new();
-    let holes: Vec<Vec<usize>> = regions(&far_mask, w, true)
+    let holes: Vec<Vec<usize>> = regions(&mut far_mask, w, far_seeds, true)
         .into_iter()
-        .chain(regions(&hole_mask, w, true))
+        .chain(regions(&mut hole_mask, w, hole_seeds, true))
         .collect();
     if !holes.is_empty() {
         // Reference brightness: the bead surface (rows with toes, the middle half of the bead).
@@ -526,7 +532,7 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
     }
 
     let mut spatter_count = 0u32;
-    for reg in regions(&sp_mask, w, true) {
+    for reg in regions(&mut sp_mask, w, sp_seeds, true) {
         if reg.len() < 2 {
             continue;
         }
@@ -620,9 +626,9 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
     let pore_thr = r.pore_min_depth_mm.max(5.0 * sigma_s);
     let uc_row_floor = r.pore_min_depth_mm.max(5.0 * sigma_s);
     let resid = pit_residuals(&bead, rows, m_cols, pore_window, trim);
-    let pmask: Vec<bool> = resid.iter().map(|&v| v > mask_thr).collect();
+    let mut pmask: Vec<bool> = resid.iter().map(|&v| v > mask_thr).collect();
     let mut pore_count = 0u32;
-    for reg in regions(&pmask, m_cols, false) {
+    for reg in regions(&mut pmask, m_cols, 0..rows * m_cols, false) {
         let depth_mm = reg.iter().map(|&q| resid[q]).fold(0.0f32, f32::max);
         let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
         let (mut x0, mut y0, mut x1, mut y1) = (f32::MAX, f32::MAX, f32::MIN, f32::MIN);

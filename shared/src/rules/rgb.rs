@@ -38,14 +38,14 @@ pub(super) fn analyse(frame: &Frame, cfg: &RulesConfig) -> (Evidence, Vec<Findin
         .collect();
     let mut sorted = luma.clone();
     let mid = median(&mut sorted).max(1.0);
-    let mask: Vec<bool> = luma.iter().map(|&l| l < DARK_SHARE * mid).collect();
+    let mut mask: Vec<bool> = luma.iter().map(|&l| l < DARK_SHARE * mid).collect();
     let fx = match frame.intrinsics {
         Some(i) => i.fx as f32,
         None => w as f32 / (2.0 * (cfg.depth.assumed_hfov_deg.to_radians() / 2.0).tan()),
     };
     let block_mm = 2.0 * ASSUMED_DISTANCE_MM / fx;
     let mut findings = Vec::new();
-    for reg in regions(&mask, bw, true) {
+    for reg in regions(&mut mask, bw, 0..bw * bh, true) {
         let area = reg.len() as f32 * block_mm * block_mm;
         // Larger than a pore can be (3 mm across) and smaller than a shadowed quarter of the frame.
         if area < 2.0 * cfg.depth.burn_min_area_mm2 || reg.len() * 4 > bw * bh {

@@ -1,5 +1,5 @@
 //! Time of the heuristic detector per frame on synthetic 640x480 and 1280x720 frames of every
-//! class (one thread). `cargo bench -p weld-core --bench detector`; figures in
+//! class (one thread). `cargo bench -p weld-core --bench rules`; figures in
 //! docs/PERFORMANCE.md.
 
 use std::hint::black_box;
