@@ -584,10 +584,20 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
             }
         })
         .collect();
-    // Samples next to a missing one (after filling isolated dropouts) are not used: next to a dropout the neighbourhood is
-    // one-sided and the bead's shape there cannot be told from a pit.
-    let near_missing = dilate_missing(&strip.raw, rows, cols, 1);
     let centre_line = fit_centre_line(&clean_centre);
+    // Pits are looked for in the heights averaged over 3 samples along the bead only: smoothing
+    // across as well would halve the depth of a pore 3 px wide.
+    let mut along = vec![f32::NAN; rows * cols];
+    for i in 1..rows.saturating_sub(1) {
+        for j in 0..cols {
+            let (a, b, c) = (
+                strip.raw[(i - 1) * cols + j],
+                strip.raw[i * cols + j],
+                strip.raw[(i + 1) * cols + j],
+            );
+            along[i * cols + j] = (a + b + c) / 3.0; // NaN if any is missing
+        }
+    }
     let mut bead = vec![f32::NAN; rows * m_cols];
     let mut bead_col = vec![f32::NAN; rows * m_cols];
     let mut buf = Vec::new();
@@ -606,25 +616,21 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
         } else {
             centre_line(i as f32)
         };
-        let line = &strip.smooth[i * cols..(i + 1) * cols];
+        let line = &along[i * cols..(i + 1) * cols];
         for m in 0..m_cols {
             let col = c + u_at(m) * half_med;
             bead_col[i * m_cols + m] = col;
             let v = lerp_at(line, col);
-            let nj = col.round().clamp(0.0, (cols - 1) as f32) as usize;
             // Depth far behind the plate is seen through a hole: not a surface to find pits in.
-            bead[i * m_cols + m] = if v > -r.hole_far_mm && !near_missing[i * cols + nj] {
-                v
-            } else {
-                f32::NAN
-            };
+            bead[i * m_cols + m] = if v > -r.hole_far_mm { v } else { f32::NAN };
         }
     }
     let pore_window = ((r.pore_window_mm / 2.0 / centre_mm).round() as usize).max(3);
-    let trim = (0.5 * r.pore_min_depth_mm).max(3.0 * sigma_s);
-    let mask_thr = (0.5 * r.pore_min_depth_mm).max(3.0 * sigma_s);
-    let pore_thr = r.pore_min_depth_mm.max(5.0 * sigma_s);
-    let uc_row_floor = r.pore_min_depth_mm.max(5.0 * sigma_s);
+    let sigma_a = sigma / 3f32.sqrt(); // mean of 3 samples along the bead
+    let trim = (0.5 * r.pore_min_depth_mm).max(3.0 * sigma_a);
+    let mask_thr = (0.5 * r.pore_min_depth_mm).max(3.0 * sigma_a);
+    let pore_thr = r.pore_min_depth_mm.max(5.0 * sigma_a);
+    let uc_row_floor = r.pore_min_depth_mm.max(5.0 * sigma_a);
     let resid = pit_residuals(&bead, rows, m_cols, pore_window, trim);
     let mut pmask: Vec<bool> = resid.iter().map(|&v| v > mask_thr).collect();
     let mut pore_count = 0u32;
@@ -673,34 +679,68 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
         findings.push(f);
     }
 
-    // --- undercut: a groove below the plate just outside a toe, along the bead
-    let uc_thr = r.undercut_min_depth_mm.max(5.0 * sigma_s);
-    let uc_row_thr = (0.7 * r.undercut_min_depth_mm).max(4.0 * sigma_s);
+    // --- undercut: a groove below the plate just outside a toe, along the bead.
+    // The profile beyond each toe is averaged over ~2 mm of bead length (but not across it) at
+    // each distance from that row's own toe: a groove runs along the toe, noise does not, so
+    // the average keeps even a narrow groove and cuts the noise by the square root of the rows.
+    let uc_half = ((1.0 / centre_mm).round() as usize).max(1);
+    let sigma_avg = sigma / ((2 * uc_half + 1) as f32).sqrt();
+    let uc_thr = r.undercut_min_depth_mm.max(5.0 * sigma_avg);
+    let uc_row_thr = (0.7 * r.undercut_min_depth_mm).max(4.0 * sigma_avg);
+    let reach_cols = (r.undercut_search_mm / centre_mm).ceil() as usize + 1;
     let mut undercut_depth = 0.0f32;
     for side in [false, true] {
-        // Per row: deepest point within the search distance beyond the toe, mm below plate.
+        // Height at distance d (columns) beyond row i's toe, NaN where unknown.
+        let beyond = |i: usize, d: usize| -> f32 {
+            let p = prof[i];
+            if !p.known() {
+                return f32::NAN;
+            }
+            let col = if side {
+                p.right + d as f32
+            } else {
+                p.left - d as f32
+            };
+            // Unsmoothed across the bead: a groove may be only 2 px wide.
+            let v = lerp_at(&strip.raw[i * cols..(i + 1) * cols], col);
+            // Depth seen through a hole is no groove floor.
+            if v > -r.hole_far_mm { v } else { f32::NAN }
+        };
+        // Heights beyond each row's toe once, then prefix sums along the bead per distance,
+        // so each window average costs O(1).
+        let mut psum = vec![0.0f32; (rows + 1) * reach_cols];
+        let mut pcnt = vec![0u32; (rows + 1) * reach_cols];
+        for i in 0..rows {
+            for d in 0..reach_cols {
+                let v = beyond(i, d);
+                let (k0, k1) = (i * reach_cols + d, (i + 1) * reach_cols + d);
+                psum[k1] = psum[k0] + if v.is_finite() { v } else { 0.0 };
+                pcnt[k1] = pcnt[k0] + u32::from(v.is_finite());
+            }
+        }
+        // Per row: the deepest averaged point within the search distance, mm below the plate,
+        // and its column.
         let groove: Vec<Option<(f32, usize)>> = (0..rows)
             .map(|i| {
                 let p = prof[i];
                 if !p.known() {
                     return None;
                 }
-                let reach = r.undercut_search_mm / p.mm;
-                let line = &strip.smooth[i * cols..(i + 1) * cols];
-                let (from, to) = if side {
-                    (p.right.floor(), p.right + reach)
-                } else {
-                    (p.left - reach, p.left.ceil())
-                };
-                let (from, to) = (from.max(0.0) as usize, (to.max(0.0) as usize).min(cols - 1));
+                let (a, b) = (i.saturating_sub(uc_half), (i + uc_half + 1).min(rows));
                 let mut best: Option<(f32, usize)> = None;
-                for (j, &v) in line.iter().enumerate().take(to + 1).skip(from) {
-                    // (NaN and depth seen through a hole are no groove floor.)
-                    if v > -r.hole_far_mm && best.is_none_or(|b| -v > b.0) {
-                        best = Some((-v, j));
+                for d in 0..reach_cols {
+                    let n = pcnt[b * reach_cols + d] - pcnt[a * reach_cols + d];
+                    let sum = psum[b * reach_cols + d] - psum[a * reach_cols + d];
+                    if n * 2 > (b - a) as u32 && best.is_none_or(|q| -sum / n as f32 > q.0) {
+                        let col = if side {
+                            p.right + d as f32
+                        } else {
+                            p.left - d as f32
+                        };
+                        best = Some((-sum / n as f32, col.clamp(0.0, (cols - 1) as f32) as usize));
                     }
                 }
-                best.filter(|b| b.0 >= uc_row_thr)
+                best.filter(|q| q.0 >= uc_row_thr)
             })
             .collect();
         // Runs of groove rows, bridging gaps up to 1 mm.
@@ -893,26 +933,6 @@ fn fill_isolated(grid: &mut [f32], rows: usize, cols: usize) {
             }
         }
     }
-}
-
-/// Marks every sample within `reach` (Chebyshev distance) of a missing (NaN) one.
-fn dilate_missing(grid: &[f32], rows: usize, cols: usize, reach: usize) -> Vec<bool> {
-    // Separable: first along rows, then along columns.
-    let mut horiz = vec![false; rows * cols];
-    for i in 0..rows {
-        for j in 0..cols {
-            let (a, b) = (j.saturating_sub(reach), (j + reach + 1).min(cols));
-            horiz[i * cols + j] = grid[i * cols + a..i * cols + b].iter().any(|v| v.is_nan());
-        }
-    }
-    let mut out = vec![false; rows * cols];
-    for i in 0..rows {
-        let (a, b) = (i.saturating_sub(reach), (i + reach + 1).min(rows));
-        for j in 0..cols {
-            out[i * cols + j] = (a..b).any(|ii| horiz[ii * cols + j]);
-        }
-    }
-    out
 }
 
 /// Whether an image point lies in one of the (grown) hole boxes `[x0, y0, x1, y1]`.
