@@ -165,17 +165,17 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
 
     // Height above the plate at every pixel, mm; NaN where there is no depth.
     let unit = depth.unit_mm;
-    let mut hm = vec![f32::NAN; w * h];
+    let mut hm = vec![0.0f32; w * h];
     for (y, (out, raw)) in hm
         .chunks_exact_mut(w)
         .zip(depth.values.as_raw().chunks_exact(w))
         .enumerate()
     {
         let row0 = pb * y as f32 + pc;
+        // Branch-free, so that it vectorises: no return (0) becomes NaN by selection.
         for (x, (o, &v)) in out.iter_mut().zip(raw).enumerate() {
-            if v != 0 {
-                *o = 1.0 / (pa * x as f32 + row0) - f32::from(v) * unit;
-            }
+            let height = 1.0 / (pa * x as f32 + row0) - f32::from(v) * unit;
+            *o = if v == 0 { f32::NAN } else { height };
         }
     }
 
@@ -185,23 +185,34 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
     if gw < 4 || gh < 4 {
         return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
     }
-    let mut grid = vec![f32::NAN; gw * gh];
-    for gy in 0..gh {
-        for gx in 0..gw {
-            let (mut s, mut n) = (0.0f32, 0u32);
-            for y in gy * k..gy * k + k {
-                for &v in &hm[y * w + gx * k..y * w + gx * k + k] {
-                    if v > -r.hole_far_mm {
-                        s += v;
-                        n += 1;
-                    }
-                }
-            }
-            if n * 4 >= (k * k) as u32 {
-                grid[gy * gw + gx] = s / n as f32;
+    let mut gsum = vec![0.0f32; gw * gh];
+    let mut gcnt = vec![0u32; gw * gh];
+    for (y, row) in hm.chunks_exact(w).take(gh * k).enumerate() {
+        let (sums, cnts) = (&mut gsum[(y / k) * gw..], &mut gcnt[(y / k) * gw..]);
+        for ((cell, s), n) in row
+            .chunks_exact(k)
+            .zip(sums.iter_mut())
+            .zip(cnts.iter_mut())
+        {
+            for &v in cell {
+                // (NaN and depth far behind the plate are left out.)
+                let ok = v > -r.hole_far_mm;
+                *s += if ok { v } else { 0.0 };
+                *n += u32::from(ok);
             }
         }
     }
+    let grid: Vec<f32> = gsum
+        .iter()
+        .zip(&gcnt)
+        .map(|(&s, &n)| {
+            if n * 4 >= (k * k) as u32 {
+                s / n as f32
+            } else {
+                f32::NAN
+            }
+        })
+        .collect();
     let bead_thr = (0.5 * r.bead_min_height_mm).max(5.0 * sigma / k as f32);
     let mut bead_cell: Vec<bool> = grid.iter().map(|&v| v > bead_thr).collect();
     let cell_mm2 = (k as f32 * centre_mm).powi(2);
@@ -330,22 +341,28 @@ pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthO
     let clean_width = median(&mut clean);
     let half_win = ((2.0 / centre_mm).round() as usize).max(2);
     let mut prof: Vec<Row> = Vec::with_capacity(rows);
-    let window_median = |i: usize, pick: &dyn Fn(&RawRow) -> Option<f32>| {
-        let mut buf: Vec<f32> = raw_rows[i.saturating_sub(half_win)..(i + half_win + 1).min(rows)]
-            .iter()
-            .filter_map(pick)
-            .collect();
-        if buf.len() >= 3 {
-            median(&mut buf)
-        } else {
-            f32::NAN
-        }
-    };
+    let (mut lc, mut rc, mut la, mut ra) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let med3 = |v: &mut Vec<f32>| if v.len() >= 3 { median(v) } else { f32::NAN };
     for i in 0..rows {
-        let l_clean = window_median(i, &|r| r.left.clean().then_some(r.left.pos));
-        let r_clean = window_median(i, &|r| r.right.clean().then_some(r.right.pos));
-        let l_any = window_median(i, &|r| r.left.pos.is_finite().then_some(r.left.pos));
-        let r_any = window_median(i, &|r| r.right.pos.is_finite().then_some(r.right.pos));
+        for b in [&mut lc, &mut rc, &mut la, &mut ra] {
+            b.clear();
+        }
+        for q in &raw_rows[i.saturating_sub(half_win)..(i + half_win + 1).min(rows)] {
+            if q.left.clean() {
+                lc.push(q.left.pos);
+            }
+            if q.right.clean() {
+                rc.push(q.right.pos);
+            }
+            if q.left.pos.is_finite() {
+                la.push(q.left.pos);
+            }
+            if q.right.pos.is_finite() {
+                ra.push(q.right.pos);
+            }
+        }
+        let (l_clean, r_clean, l_any, r_any) =
+            (med3(&mut lc), med3(&mut rc), med3(&mut la), med3(&mut ra));
         let (left, right) = match (
             l_clean.is_finite(),
             r_clean.is_finite(),
