@@ -134,7 +134,112 @@ impl Row {
 /// Longest run of missing samples before a toe for it to count as cleanly seen.
 const MAX_TOE_GAP: usize = 2;
 
+/// Finest pixel size the analysis works at, mm: a 0.8 mm pore is still 3-4 px across, and a
+/// frame from a high-resolution or close camera is binned down to it first.
+const FINEST_PIXEL_MM: f32 = 0.4;
+
 pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    let fx = match frame.intrinsics {
+        Some(i) => i.fx as f32,
+        None => w as f32 / (2.0 * (r.assumed_hfov_deg.to_radians() / 2.0).tan()),
+    };
+    // Pixel size from the median of a sparse sample of the depth (a plane fit comes later).
+    let mut sample: Vec<u16> = depth
+        .values
+        .as_raw()
+        .iter()
+        .step_by(97)
+        .copied()
+        .filter(|&v| v != 0)
+        .collect();
+    if !sample.is_empty() {
+        let mid = sample.len() / 2;
+        let z = f32::from(*sample.select_nth_unstable(mid).1) * depth.unit_mm;
+        let bin = ((FINEST_PIXEL_MM / (z / fx)).floor() as usize).clamp(1, 4);
+        if bin >= 2 && w / bin >= 16 && h / bin >= 16 {
+            return analyse_binned(frame, depth, r, bin);
+        }
+    }
+    analyse_at(frame, depth, r)
+}
+
+/// Runs the analysis on the frame binned `bin` x `bin` (depth: mean of the valid values, at
+/// least half valid; RGB: mean) and maps the findings back to the frame's pixels.
+fn analyse_binned(frame: &Frame, depth: &DepthMap, r: &DepthRules, bin: usize) -> DepthOutcome {
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    let (bw, bh) = (w / bin, h / bin);
+    let (raw, rgb) = (depth.values.as_raw(), frame.rgb().as_raw());
+    let mut dvals = vec![0u16; bw * bh];
+    let mut cvals = vec![0u8; bw * bh * 3];
+    for by in 0..bh {
+        for bx in 0..bw {
+            let (mut s, mut n, mut c) = (0u32, 0u32, [0u32; 3]);
+            for y in by * bin..(by + 1) * bin {
+                for x in bx * bin..(bx + 1) * bin {
+                    let v = raw[y * w + x];
+                    s += u32::from(v);
+                    n += u32::from(v != 0);
+                    for (ch, acc) in c.iter_mut().enumerate() {
+                        *acc += u32::from(rgb[3 * (y * w + x) + ch]);
+                    }
+                }
+            }
+            let q = by * bw + bx;
+            if 2 * n as usize >= bin * bin {
+                dvals[q] = ((s + n / 2) / n) as u16;
+            }
+            let area = (bin * bin) as u32;
+            for ch in 0..3 {
+                cvals[3 * q + ch] = ((c[ch] + area / 2) / area) as u8;
+            }
+        }
+    }
+    let (Some(values), Some(rgb)) = (
+        crate::frame::DepthImage::from_raw(bw as u32, bh as u32, dvals),
+        image::RgbImage::from_raw(bw as u32, bh as u32, cvals),
+    ) else {
+        return analyse_at(frame, depth, r);
+    };
+    let small_depth = DepthMap {
+        values,
+        unit_mm: depth.unit_mm,
+    };
+    let Ok(small) = Frame::new(rgb, Some(small_depth.clone())) else {
+        return analyse_at(frame, depth, r);
+    };
+    let scale = 1.0 / bin as f64;
+    let small = small.with_intrinsics(frame.intrinsics.map(|i| {
+        // Pixel centres: x_small = (x + 0.5) / bin - 0.5.
+        let s = i.scaled(scale, scale);
+        crate::frame::Intrinsics {
+            cx: s.cx + 0.5 * scale - 0.5,
+            cy: s.cy + 0.5 * scale - 0.5,
+            ..s
+        }
+    }));
+    match analyse_at(&small, &small_depth, r) {
+        DepthOutcome::Analysed {
+            evidence,
+            mut findings,
+            measurements,
+        } => {
+            let b = bin as u32;
+            for f in &mut findings {
+                let [x, y, fw, fh] = f.bbox;
+                f.bbox = [x * b, y * b, fw * b, fh * b];
+            }
+            DepthOutcome::Analysed {
+                evidence,
+                findings,
+                measurements,
+            }
+        }
+        other => other,
+    }
+}
+
+fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     let (w, h) = (frame.width() as usize, frame.height() as usize);
     if depth.valid_fraction() < r.min_valid_fraction {
         return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
