@@ -66,6 +66,39 @@ fn each_class_is_recognised_and_located_on_synthetic_frames() {
 }
 
 #[test]
+fn fine_1280x720_frames_are_binned_and_boxes_map_back() {
+    let det = Detector::new(RulesConfig::default()).unwrap();
+    let cfg = SynthConfig::new(1280, 720);
+    let mut right = 0;
+    for (ci, class) in SynthClass::ALL.into_iter().enumerate() {
+        for i in 0..2 {
+            let s = generate(class, frame_seed(TEST_SEED, ci, 100 + i), &cfg).unwrap();
+            let out = det.inspect(&s.frame);
+            right += usize::from(out.class == class.name());
+            for f in &out.findings {
+                assert!(
+                    f.bbox[0] + f.bbox[2] <= 1280 && f.bbox[1] + f.bbox[3] <= 720,
+                    "{f:?}"
+                );
+            }
+            if let (Some(kind), true) = (class.finding_kind(), out.class == class.name()) {
+                let located = out
+                    .findings
+                    .iter()
+                    .filter(|f| f.kind == kind)
+                    .any(|f| s.truth.defects.iter().any(|d| overlaps(f.bbox, d.bbox, 8)));
+                assert!(
+                    located,
+                    "{class:?} {i}: {:?} vs {:?}",
+                    out.findings, s.truth.defects
+                );
+            }
+        }
+    }
+    assert!(right >= 9, "{right} of 10 right");
+}
+
+#[test]
 fn frames_that_cannot_be_judged_are_unknown_and_never_confident() {
     let det = Detector::new(RulesConfig::default()).unwrap();
     let rgb = RgbImage::from_pixel(320, 240, image::Rgb([120, 120, 120]));
