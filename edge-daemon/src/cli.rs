@@ -4,7 +4,7 @@ use std::io::{self, BufWriter};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use weld_core::rules::{Detector, RulesConfig};
 
@@ -81,8 +81,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let inputs = inspect::collect(&paths, depth_unit_mm)?;
             let stdout = io::stdout();
             let mut out = BufWriter::new(stdout.lock());
-            let summary = inspect::run(&inputs, &detector, format, &device, &line, &mut out)
-                .context("writing results")?;
+            let summary = inspect::run(&inputs, &detector, format, &device, &line, &mut out)?;
             eprint!("{}", summary.report());
             Ok(if summary.failed > 0 {
                 ExitCode::FAILURE

@@ -29,6 +29,14 @@ pub enum InspectError {
     UnknownDepthUnit(PathBuf),
     #[error(transparent)]
     Dataset(#[from] weld_core::dataset::DatasetError),
+    #[error(transparent)]
+    Frame(#[from] weld_core::FrameError),
+    #[error("writing results: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("writing CSV: {0}")]
+    Csv(#[from] csv::Error),
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// One frame to inspect.
@@ -114,9 +122,9 @@ fn dataset_context(file: &Path) -> (Option<DatasetSpec>, Option<String>) {
 }
 
 /// Loads the input's frame.
-pub fn load(input: &Input) -> Result<Frame, anyhow::Error> {
+pub fn load(input: &Input) -> Result<Frame, InspectError> {
     let unit = match (&input.depth, input.depth_unit_mm) {
-        (Some(_), None) => return Err(InspectError::UnknownDepthUnit(input.rgb.clone()).into()),
+        (Some(_), None) => return Err(InspectError::UnknownDepthUnit(input.rgb.clone())),
         (_, u) => u.unwrap_or(1.0),
     };
     Ok(Frame::load(&input.rgb, input.depth.as_deref(), unit)?.with_intrinsics(input.intrinsics))
@@ -188,11 +196,11 @@ pub fn run(
     device: &str,
     line: &str,
     out: &mut dyn Write,
-) -> anyhow::Result<Summary> {
+) -> Result<Summary, InspectError> {
     let results: Vec<Result<Inspection, String>> = inputs
         .par_iter()
         .map(|input| {
-            let frame = load(input).map_err(|e| format!("{e:#}"))?;
+            let frame = load(input).map_err(|e| e.to_string())?;
             let outcome = detector.inspect(&frame);
             let mut r = rules_result(&frame, outcome, device, line);
             r.path = Some(input.rgb.display().to_string());
@@ -297,7 +305,7 @@ pub fn run(
     if let Some(w) = csv {
         out.write_all(
             &w.into_inner()
-                .map_err(|e| anyhow::anyhow!("writing CSV: {e}"))?,
+                .map_err(|e| InspectError::Write(e.into_error()))?,
         )?;
     }
     out.flush()?;
