@@ -556,8 +556,30 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     let mut hole_mask = vec![false; w * h];
     let mut far_mask = vec![false; w * h];
     let (mut sp_seeds, mut hole_seeds, mut far_seeds) = (Vec::new(), Vec::new(), Vec::new());
+    // Only pixels within reach of the bead can be spatter or a hole in the joint: per image
+    // row, the columns whose distance across the bead stays inside the widest zone + reach.
+    let (band_lo, band_hi) = zones
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), z| {
+            (a.min(z.0), b.max(z.1))
+        });
+    let (band_lo, band_hi) = (band_lo - reach - 1.0, band_hi + reach + 1.0);
     for y in 0..h {
-        for x in 0..w {
+        // Across-bead column at pixel x of this row: c0 + x * nrm[0].
+        let c0 = (y as f32 - strip.origin[1]) * strip.nrm[1] - strip.origin[0] * strip.nrm[0]
+            + strip.centre_col as f32;
+        let (x0, x1) = if strip.nrm[0].abs() < 1e-6 {
+            if (band_lo..=band_hi).contains(&c0) {
+                (0, w)
+            } else {
+                (0, 0)
+            }
+        } else {
+            let (a, b) = ((band_lo - c0) / strip.nrm[0], (band_hi - c0) / strip.nrm[0]);
+            let (a, b) = (a.min(b).floor().max(0.0), a.max(b).ceil() + 1.0);
+            (a as usize, (b.max(0.0) as usize).min(w))
+        };
+        for x in x0..x1.max(x0) {
             let q = y * w + x;
             let v = hm[q];
             let hole = v.is_nan() || v <= -r.hole_far_mm; // no return, or far behind the plate
