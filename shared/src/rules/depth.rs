@@ -270,18 +270,14 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
 
     // Height above the plate at every pixel, mm; NaN where there is no depth.
     let unit = depth.unit_mm;
-    let mut hm = vec![0.0f32; w * h];
-    for (y, (out, raw)) in hm
-        .chunks_exact_mut(w)
-        .zip(depth.values.as_raw().chunks_exact(w))
-        .enumerate()
-    {
+    let mut hm: Vec<f32> = Vec::with_capacity(w * h);
+    for (y, raw) in depth.values.as_raw().chunks_exact(w).enumerate() {
         let row0 = pb * y as f32 + pc;
         // Branch-free, so that it vectorises: no return (0) becomes NaN by selection.
-        for (x, (o, &v)) in out.iter_mut().zip(raw).enumerate() {
+        hm.extend(raw.iter().enumerate().map(|(x, &v)| {
             let height = 1.0 / (pa * x as f32 + row0) - f32::from(v) * unit;
-            *o = if v == 0 { f32::NAN } else { height };
-        }
+            if v == 0 { f32::NAN } else { height }
+        }));
     }
 
     // --- the bead on a coarse grid of ~1 mm cells
