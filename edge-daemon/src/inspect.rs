@@ -2,6 +2,7 @@
 //! frame (the result JSON of DESIGN.md plus `"path"`), and a summary with accuracy and a
 //! confusion matrix when the frames carry labels.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -55,6 +56,7 @@ pub struct Input {
 /// on the command line are skipped: they are read with their RGB file.
 pub fn collect(paths: &[PathBuf], depth_unit_mm: Option<f32>) -> Result<Vec<Input>, InspectError> {
     let mut out = Vec::new();
+    let mut specs = HashMap::new();
     for p in paths {
         if p.is_dir() {
             if !p.join(DATASET_FILE).is_file() {
@@ -85,7 +87,7 @@ pub fn collect(paths: &[PathBuf], depth_unit_mm: Option<f32>) -> Result<Vec<Inpu
                 return Err(InspectError::NotAnImage(p.clone()));
             }
             let depth = Some(depth_path_for(p)).filter(|d| d.is_file());
-            let (spec, truth) = dataset_context(p);
+            let (spec, truth) = dataset_context(p, &mut specs);
             out.push(Input {
                 rgb: p.clone(),
                 depth,
@@ -101,24 +103,27 @@ pub fn collect(paths: &[PathBuf], depth_unit_mm: Option<f32>) -> Result<Vec<Inpu
 }
 
 /// The dataset a file belongs to (`DATASET/CLASS/file`), and its label if `CLASS` is a class.
-fn dataset_context(file: &Path) -> (Option<DatasetSpec>, Option<String>) {
+/// `specs` caches each folder's `dataset.toml` (or its absence), so a shell glob over one
+/// dataset reads it once.
+fn dataset_context(
+    file: &Path,
+    specs: &mut HashMap<PathBuf, Option<DatasetSpec>>,
+) -> (Option<DatasetSpec>, Option<String>) {
     let Some(class_dir) = file.parent() else {
         return (None, None);
     };
     let Some(root) = class_dir.parent() else {
         return (None, None);
     };
-    let Ok(text) = std::fs::read_to_string(root.join(DATASET_FILE)) else {
-        return (None, None);
-    };
-    let Ok(spec) = toml::from_str::<DatasetSpec>(&text) else {
-        return (None, None);
-    };
+    let spec = specs
+        .entry(root.to_path_buf())
+        .or_insert_with(|| DatasetSpec::load(root).ok())
+        .clone();
     let class = class_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
-    let truth = class.filter(|c| spec.classes.contains(c));
-    (Some(spec), truth)
+    let truth = class.filter(|c| spec.as_ref().is_some_and(|s| s.classes.contains(c)));
+    (spec, truth)
 }
 
 /// Loads the input's frame.
@@ -181,7 +186,6 @@ pub struct Summary {
     /// Labelled frames the rules were confident about, and how many of them were right.
     pub confident_labelled: usize,
     pub confident_right: usize,
-    pub labelled: usize,
     pub matrix: Option<ConfusionMatrix>,
     pub latencies_ms: Vec<f32>,
 }
@@ -224,7 +228,6 @@ pub fn run(
         confident: 0,
         confident_labelled: 0,
         confident_right: 0,
-        labelled: 0,
         matrix: classes.as_deref().map(ConfusionMatrix::new),
         latencies_ms: Vec::new(),
     };
@@ -260,14 +263,13 @@ pub fn run(
         if !r.uncertain {
             summary.confident += 1;
         }
+        // Every frame goes into the matrix; confident ones also into the confident accuracy.
         if let (Some(truth), Some(m)) = (&input.truth, summary.matrix.as_mut())
             && m.add(truth, &r.class)
+            && !r.uncertain
         {
-            summary.labelled += 1;
-            if !r.uncertain {
-                summary.confident_labelled += 1;
-                summary.confident_right += usize::from(*truth == r.class);
-            }
+            summary.confident_labelled += 1;
+            summary.confident_right += usize::from(*truth == r.class);
         }
         match csv.as_mut() {
             Some(w) => {

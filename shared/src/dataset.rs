@@ -73,6 +73,19 @@ impl DatasetSpec {
         out
     }
 
+    /// Reads and parses `root/dataset.toml` (its values are checked by [`DatasetSpec::problems`]).
+    pub fn load(root: &Path) -> Result<DatasetSpec, DatasetError> {
+        let spec_path = root.join(DATASET_FILE);
+        if !spec_path.is_file() {
+            return Err(DatasetError::NotADataset(root.to_path_buf()));
+        }
+        let text = fs::read_to_string(&spec_path).map_err(io_err(&spec_path))?;
+        toml::from_str(&text).map_err(|e| DatasetError::BadSpec {
+            path: spec_path,
+            message: e.to_string(),
+        })
+    }
+
     pub fn class_index(&self, name: &str) -> Option<usize> {
         self.classes.iter().position(|c| c == name)
     }
@@ -163,15 +176,8 @@ impl Dataset {
     /// Reads `dataset.toml` and lists the frames. Fails only when the folder is not a dataset
     /// or `dataset.toml` cannot be parsed; everything else is collected in `problems`.
     pub fn open(root: &Path) -> Result<Dataset, DatasetError> {
+        let spec = DatasetSpec::load(root)?;
         let spec_path = root.join(DATASET_FILE);
-        if !spec_path.is_file() {
-            return Err(DatasetError::NotADataset(root.to_path_buf()));
-        }
-        let text = fs::read_to_string(&spec_path).map_err(io_err(&spec_path))?;
-        let spec: DatasetSpec = toml::from_str(&text).map_err(|e| DatasetError::BadSpec {
-            path: spec_path.clone(),
-            message: e.to_string(),
-        })?;
         let mut problems: Vec<Problem> = spec
             .problems()
             .into_iter()

@@ -16,7 +16,9 @@ use rayon::prelude::*;
 use weld_core::dataset::Dataset;
 use weld_core::metrics::ConfusionMatrix;
 use weld_core::rules::calibrate::{fit, gate_for_accuracy};
-use weld_core::rules::{Detector, N_FEATURES, RulesConfig, UNKNOWN_CLASS, probabilities};
+use weld_core::rules::{
+    Detector, N_FEATURES, RulesConfig, UNKNOWN_CLASS, best_class, probabilities,
+};
 
 /// Settings of one calibration run.
 #[derive(Debug, Clone)]
@@ -121,7 +123,7 @@ pub fn calibrate(
         .iter()
         .zip(&ys)
         .map(|(x, &y)| {
-            let (best, p) = argmax(&probabilities(&cal, x));
+            let (best, p) = best_class(&probabilities(&cal, x));
             (p, best == y)
         })
         .collect();
@@ -146,7 +148,7 @@ pub fn calibrate(
         n += 1;
         let (class, conf) = match r.features {
             Some(x) => {
-                let (best, p) = argmax(&probabilities(&cfg.calibration, &x));
+                let (best, p) = best_class(&probabilities(&cfg.calibration, &x));
                 (names[best].as_str(), p)
             }
             None => (UNKNOWN_CLASS, 0.0),
@@ -182,12 +184,4 @@ pub fn calibrate(
         .with_context(|| format!("writing {}", out.display()))?;
     println!("wrote {}", out.display());
     Ok(())
-}
-
-fn argmax(p: &[f32; 5]) -> (usize, f32) {
-    p.iter()
-        .copied()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .unwrap_or((0, 0.0))
 }

@@ -11,7 +11,7 @@ use crate::result::{Finding, FindingKind, Measurements};
 
 use super::blobs::regions;
 use super::config::DepthRules;
-use super::{Evidence, RulesNote};
+use super::{Evidence, RulesNote, focal_px};
 
 /// What the depth analysis concluded.
 #[derive(Debug)]
@@ -140,10 +140,7 @@ const FINEST_PIXEL_MM: f32 = 0.4;
 
 pub(super) fn analyse(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     let (w, h) = (frame.width() as usize, frame.height() as usize);
-    let fx = match frame.intrinsics {
-        Some(i) => i.fx as f32,
-        None => w as f32 / (2.0 * (r.assumed_hfov_deg.to_radians() / 2.0).tan()),
-    };
+    let fx = focal_px(frame, r.assumed_hfov_deg);
     // Pixel size from the median of a sparse sample of the depth (a plane fit comes later).
     let mut sample: Vec<u16> = depth
         .values
@@ -255,10 +252,7 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     let (pa, pb, pc) = (fit.plane.a as f32, fit.plane.b as f32, fit.plane.c as f32);
     // Noise of one depth sample, mm: the plane fit's inlier RMS (sensor noise and texture).
     let sigma = (fit.rms_mm as f32).max(0.01);
-    let fx = match frame.intrinsics {
-        Some(i) => i.fx as f32,
-        None => w as f32 / (2.0 * (r.assumed_hfov_deg.to_radians() / 2.0).tan()),
-    };
+    let fx = focal_px(frame, r.assumed_hfov_deg);
     let plane_z = |x: f32, y: f32| {
         let inv = pa * x + pb * y + pc;
         if inv > 1e-9 { 1.0 / inv } else { f32::NAN }

@@ -161,11 +161,7 @@ impl Detector {
         note: Option<RulesNote>,
     ) -> RulesOutcome {
         let probabilities = probabilities(&self.cfg.calibration, &evidence.features());
-        let (best, &p) = probabilities
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap_or((0, &0.0));
+        let (best, p) = best_class(&probabilities);
         let confidence = if note == Some(RulesNote::RgbOnly) {
             p.min(self.cfg.rgb_only_max_confidence)
         } else {
@@ -183,6 +179,24 @@ impl Detector {
             latency_ms: 0.0,
         }
     }
+}
+
+/// Focal length in pixels: the frame's intrinsics, else what a camera with the assumed
+/// horizontal field of view would have.
+pub(crate) fn focal_px(frame: &Frame, assumed_hfov_deg: f32) -> f32 {
+    match frame.intrinsics {
+        Some(i) => i.fx as f32,
+        None => frame.width() as f32 / (2.0 * (assumed_hfov_deg.to_radians() / 2.0).tan()),
+    }
+}
+
+/// The most probable class (index in the calibration's order) and its probability.
+pub fn best_class(p: &[f32; 5]) -> (usize, f32) {
+    p.iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or((0, 0.0))
 }
 
 /// Softmax of the calibrated logits.

@@ -7,10 +7,10 @@
 use crate::frame::Frame;
 use crate::result::{Finding, FindingKind};
 
-use super::Evidence;
 use super::blobs::regions;
 use super::config::RulesConfig;
 use super::depth::median;
+use super::{Evidence, focal_px};
 
 /// Distance assumed when there is no depth, mm: the middle of the 100-250 mm working range.
 const ASSUMED_DISTANCE_MM: f32 = 175.0;
@@ -39,10 +39,7 @@ pub(super) fn analyse(frame: &Frame, cfg: &RulesConfig) -> (Evidence, Vec<Findin
     let mut sorted = luma.clone();
     let mid = median(&mut sorted).max(1.0);
     let mut mask: Vec<bool> = luma.iter().map(|&l| l < DARK_SHARE * mid).collect();
-    let fx = match frame.intrinsics {
-        Some(i) => i.fx as f32,
-        None => w as f32 / (2.0 * (cfg.depth.assumed_hfov_deg.to_radians() / 2.0).tan()),
-    };
+    let fx = focal_px(frame, cfg.depth.assumed_hfov_deg);
     let block_mm = 2.0 * ASSUMED_DISTANCE_MM / fx;
     let mut findings = Vec::new();
     for reg in regions(&mut mask, bw, 0..bw * bh, true) {
