@@ -1,0 +1,1 @@
+//! The sled store: results history with retention, and captured uncertain frames.
