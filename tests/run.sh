@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The project's one pre-merge command (README "Test"): installs what the tests need, then runs
-# formatting, lints and every test of the workspace. `.ci/run` calls exactly this.
+# formatting, lints (default features and every optional feature) and every test of the
+# workspace. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 
 echo "== toolchain"
 # rust-toolchain.toml pins the compiler and asks for rustfmt and clippy; rustup installs them
@@ -10,13 +12,56 @@ echo "== toolchain"
 cargo --version
 rustc --version
 
+echo "== system packages"
+# libclang-dev: bindgen in the v4l feature's V4L2 bindings; pkg-config: the realsense feature.
+need=()
+for p in libclang-dev pkg-config; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    sudo_=""
+    [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+    $sudo_ apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}"
+fi
+
+echo "== ONNX Runtime for the ort backend"
+# The ort crate loads ONNX Runtime at run time (load-dynamic); the pinned wheel carries the
+# shared library. Installed into .tools/ (git-ignored), reused when already there.
+ORT_VERSION=1.32.0
+export ORT_DYLIB_PATH="$ROOT/.tools/onnxruntime/onnxruntime/capi/libonnxruntime.so.$ORT_VERSION"
+if [ ! -f "$ORT_DYLIB_PATH" ]; then
+    python3 -m pip install --quiet --no-deps --target "$ROOT/.tools/onnxruntime" \
+        "onnxruntime==$ORT_VERSION"
+fi
+
 echo "== fmt"
 cargo fmt --all -- --check
 
-echo "== clippy"
+echo "== clippy (default features)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== clippy (weld-edge with ort and v4l)"
+cargo clippy -p weld-edge --all-targets --locked --features ort,v4l -- -D warnings
+
+echo "== realsense feature compiles"
+# Debian has no librealsense2; realsense-sys only asks pkg-config for a realsense2 2.x and
+# ships its bindings, so a .pc file lets the feature type-check here. The board installs the
+# real SDK (README "On the board").
+pc_dir="$ROOT/target/pkgconfig"
+mkdir -p "$pc_dir"
+cat >"$pc_dir/realsense2.pc" <<'EOF'
+Name: realsense2
+Description: Intel RealSense SDK 2.0 (stand-in for type-checking; not for linking)
+Version: 2.56.5
+Libs: -lrealsense2
+Cflags:
+EOF
+PKG_CONFIG_PATH="$pc_dir" cargo clippy -p weld-edge --locked --features realsense -- -D warnings
+
 echo "== tests"
-cargo test --workspace --locked
+# weld-edge's tests run with the ort feature so both backends are checked against the
+# reference models.
+cargo test --workspace --locked --features weld-edge/ort
 
 echo "== all checks passed"

@@ -4,11 +4,18 @@ use std::io::{self, BufWriter};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use weld_core::rules::{Detector, RulesConfig};
 
-use crate::inspect::{self, Format, Policy};
+use crate::bench;
+use crate::config::{Config, ModelSection};
+use crate::daemon;
+use crate::inspect::{self, Format, Judge};
+use crate::pipeline::Identity;
+use crate::policy::{Policy, PolicyKind, Thresholds};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,15 +30,48 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon. With no config: the demo (synthetic camera, hybrid policy, store in
+    /// ./weld-edge-data, results as JSON lines on stdout).
+    Run {
+        /// Config file (TOML); see firmware-config/ for examples.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the configured pipeline for a while and print per-stage latency quantiles, frames
+    /// per second, drops, the model share and peak memory.
+    Bench {
+        /// Config file (TOML); the demo defaults when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to run, seconds.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Store directory for the run (default: a fresh temporary directory, removed after).
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
     /// Inspect image files or dataset folders offline: one result per frame on stdout, a
     /// summary (with accuracy and a confusion matrix for labelled frames) on stderr.
     Inspect {
         /// Image files (their STEM.depth.png is read too) or dataset folders.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Which stages decide.
-        #[arg(long, value_enum, default_value_t = Policy::Rules)]
-        policy: Policy,
+        /// Which stages decide: `hybrid` needs --model to ask the model about frames the
+        /// rules are unsure of (without one they are reported uncertain).
+        #[arg(long, value_enum, default_value_t = PolicyKind::Rules)]
+        policy: PolicyKind,
+        /// The model: an ONNX file (with --classes).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The model's classes in logit order, comma-separated (for a plain .onnx).
+        #[arg(long, value_delimiter = ',')]
+        classes: Vec<String>,
+        /// Inference backend for the model.
+        #[arg(long, default_value = "tract")]
+        backend: String,
+        /// Model probability needed for a confident model answer.
+        #[arg(long, default_value_t = 0.8)]
+        model_confident_at: f32,
         /// Output format of the per-frame results.
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
         format: Format,
@@ -62,11 +102,64 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr (stdout carries results); `RUST_LOG` filters, `info` by default.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .try_init();
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run { config } => {
+            init_logging();
+            let cfg = Config::load(config.as_deref())?;
+            if config.is_none() {
+                tracing::info!(
+                    "no --config: running the demo (synthetic camera, hybrid policy, store in {})",
+                    cfg.store_dir.display()
+                );
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(daemon::run(cfg, daemon::shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            config,
+            seconds,
+            store,
+        } => {
+            init_logging();
+            let mut cfg = Config::load(config.as_deref())?;
+            let tmp;
+            cfg.store_dir = match store {
+                Some(dir) => dir,
+                None => {
+                    tmp = tempfile::tempdir().context("creating a temporary store")?;
+                    tmp.path().to_path_buf()
+                }
+            };
+            if !(seconds.is_finite() && seconds > 0.0) {
+                anyhow::bail!("--seconds must be a positive number of seconds, got {seconds}");
+            }
+            let report = bench::run(&cfg, Duration::from_secs_f64(seconds))?;
+            print!("{}", report.text());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect {
             paths,
-            policy: Policy::Rules,
+            policy,
+            model,
+            classes,
+            backend,
+            model_confident_at,
             format,
             rules,
             depth_unit_mm,
@@ -78,10 +171,53 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => RulesConfig::default(),
             };
             let detector = Detector::new(cfg)?;
+            let model = match model {
+                None => {
+                    if policy == PolicyKind::Model || policy == PolicyKind::Both {
+                        anyhow::bail!("--policy {policy} needs --model");
+                    }
+                    None
+                }
+                Some(path) => {
+                    if classes.is_empty() {
+                        anyhow::bail!(
+                            "--model {} is a plain ONNX file: give its classes with --classes \
+                             good,porosity,...",
+                            path.display()
+                        );
+                    }
+                    let section = ModelSection {
+                        onnx: path,
+                        classes,
+                        version: None,
+                        backend,
+                        ort_library: None,
+                        input: None,
+                    };
+                    daemon::load_model(Some(&section), rayon::current_num_threads())?
+                }
+            };
+            let policy = Policy {
+                kind: policy,
+                thresholds: Thresholds {
+                    rules_confident_at: detector.config().confident_at,
+                    model_confident_at,
+                },
+            };
+            let problems = policy.thresholds.problems("--");
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("; "));
+            }
+            let judge = Judge {
+                detector,
+                policy,
+                model,
+                identity: Identity { device, line },
+            };
             let inputs = inspect::collect(&paths, depth_unit_mm)?;
             let stdout = io::stdout();
             let mut out = BufWriter::new(stdout.lock());
-            let summary = inspect::run(&inputs, &detector, format, &device, &line, &mut out)?;
+            let summary = inspect::run(&inputs, &judge, format, &mut out)?;
             eprint!("{}", summary.report());
             Ok(if summary.failed > 0 {
                 ExitCode::FAILURE

@@ -11,9 +11,12 @@ use thiserror::Error;
 use weld_core::dataset::{DATASET_FILE, Dataset, DatasetSpec, RGB_EXTENSIONS};
 use weld_core::frame::{DEPTH_SUFFIX, depth_path_for};
 use weld_core::metrics::ConfusionMatrix;
-use weld_core::result::{LatencyMs, RESULT_VERSION};
-use weld_core::rules::{Detector, RulesOutcome};
-use weld_core::{DecidedBy, Frame, Inspection, Intrinsics};
+use weld_core::{Frame, Inspection, Intrinsics};
+
+use crate::model::Model;
+use crate::pipeline::{Identity, inspect_frame};
+use crate::policy::Policy;
+use weld_core::rules::Detector;
 
 #[derive(Debug, Error)]
 pub enum InspectError {
@@ -135,39 +138,6 @@ pub fn load(input: &Input) -> Result<Frame, InspectError> {
     Ok(Frame::load(&input.rgb, input.depth.as_deref(), unit)?.with_intrinsics(input.intrinsics))
 }
 
-/// Where results come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Policy {
-    /// The heuristic detector only.
-    Rules,
-}
-
-/// The result of the rules alone for a frame (policy `rules`).
-pub fn rules_result(frame: &Frame, outcome: RulesOutcome, device: &str, line: &str) -> Inspection {
-    Inspection {
-        v: RESULT_VERSION,
-        id: Inspection::new_id(),
-        seq: frame.seq,
-        device: device.to_string(),
-        line: line.to_string(),
-        ts: frame.ts,
-        class: outcome.class.clone(),
-        confidence: outcome.confidence,
-        decided_by: DecidedBy::Rules,
-        uncertain: !outcome.confident,
-        rules: Some(outcome.verdict()),
-        model: None,
-        findings: outcome.findings,
-        measurements: outcome.measurements,
-        latency_ms: LatencyMs {
-            rules: outcome.latency_ms,
-            model: 0.0,
-            total: outcome.latency_ms,
-        },
-        path: None,
-    }
-}
-
 /// Output format of the per-frame results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -183,6 +153,10 @@ pub struct Summary {
     pub frames: usize,
     pub failed: usize,
     pub confident: usize,
+    /// Frames the model ran on.
+    pub model_runs: usize,
+    /// Frames the model was asked for and failed on.
+    pub model_failures: usize,
     /// Labelled frames the rules were confident about, and how many of them were right.
     pub confident_labelled: usize,
     pub confident_right: usize,
@@ -190,25 +164,39 @@ pub struct Summary {
     pub latencies_ms: Vec<f32>,
 }
 
+/// What judges the frames: the same detector, policy and model the daemon runs.
+#[derive(Debug)]
+pub struct Judge {
+    pub detector: Detector,
+    pub policy: Policy,
+    pub model: Option<Model>,
+    pub identity: Identity,
+}
+
 /// Inspects every input (in parallel, results in input order), writes one result per frame to
 /// `out` and returns the summary. Frames that cannot be read are reported on stderr by path and
 /// counted; the others still run.
 pub fn run(
     inputs: &[Input],
-    detector: &Detector,
+    judge: &Judge,
     format: Format,
-    device: &str,
-    line: &str,
     out: &mut dyn Write,
 ) -> Result<Summary, InspectError> {
-    let results: Vec<Result<Inspection, String>> = inputs
+    let detector = &judge.detector;
+    let results: Vec<Result<(Inspection, bool, bool), String>> = inputs
         .par_iter()
         .map(|input| {
             let frame = load(input).map_err(|e| e.to_string())?;
-            let outcome = detector.inspect(&frame);
-            let mut r = rules_result(&frame, outcome, device, line);
+            let o = inspect_frame(
+                detector,
+                &judge.policy,
+                judge.model.as_ref(),
+                &judge.identity,
+                &frame,
+            );
+            let mut r = o.result;
             r.path = Some(input.rgb.display().to_string());
-            Ok(r)
+            Ok((r, o.model_asked, o.model_error.is_some()))
         })
         .collect();
 
@@ -226,6 +214,8 @@ pub fn run(
         frames: inputs.len(),
         failed: 0,
         confident: 0,
+        model_runs: 0,
+        model_failures: 0,
         confident_labelled: 0,
         confident_right: 0,
         matrix: classes.as_deref().map(ConfusionMatrix::new),
@@ -248,11 +238,18 @@ pub fn run(
             "bead_width_mm",
             "bead_height_mm",
             "rules_ms",
+            "model_class",
+            "model_confidence",
+            "model_ms",
         ])?;
     }
     for (input, r) in inputs.iter().zip(results) {
         let r = match r {
-            Ok(r) => r,
+            Ok((r, model_ran, model_failed)) => {
+                summary.model_runs += usize::from(model_ran);
+                summary.model_failures += usize::from(model_failed);
+                r
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 summary.failed += 1;
@@ -296,6 +293,18 @@ pub fn run(
                     opt(m.bead_width_mm),
                     opt(m.bead_height_mm),
                     format!("{:.3}", r.latency_ms.rules),
+                    r.model
+                        .as_ref()
+                        .map(|m| m.class.clone())
+                        .unwrap_or_default(),
+                    r.model
+                        .as_ref()
+                        .map(|m| format!("{:.4}", m.confidence))
+                        .unwrap_or_default(),
+                    r.model
+                        .as_ref()
+                        .map(|_| format!("{:.3}", r.latency_ms.model))
+                        .unwrap_or_default(),
                 ])?;
             }
             None => {
@@ -337,6 +346,14 @@ impl Summary {
                 q(0.5),
                 q(0.9)
             ));
+            if self.model_runs > 0 || self.model_failures > 0 {
+                s.push_str(&format!(
+                    "model ran on {} of {ok} frames ({:.1}%), {} failed\n",
+                    self.model_runs,
+                    100.0 * self.model_runs as f64 / ok as f64,
+                    self.model_failures
+                ));
+            }
         }
         if let Some(m) = &self.matrix {
             s.push_str(&format!("{m}\n"));

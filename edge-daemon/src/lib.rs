@@ -2,7 +2,14 @@
 //! pipeline, the store, MQTT and HTTP. The binary is a thin `main.rs` over [`cli`].
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod inspect;
+pub mod model;
+pub mod pipeline;
+pub mod policy;
+pub mod sinks;
 pub mod source;
 pub mod store;

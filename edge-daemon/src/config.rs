@@ -1,0 +1,484 @@
+//! The daemon's configuration: `weld-edge run --config FILE` (TOML), in two stages. [`ConfigFile`]
+//! is what the file says (every key optional, unknown keys refused, each field's doc comment is
+//! its user documentation); [`ConfigFile::validate`] turns it into a [`Config`] and reports
+//! every problem at once, each naming its key and what is allowed. With no file the embedded
+//! defaults are the demo: a synthetic camera, the hybrid policy, a store in `./weld-edge-data`.
+//!
+//! Example files: `firmware-config/demo.toml`, `firmware-config/rdk-x5-realsense.toml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use weld_core::manifest::InputSpec;
+use weld_core::rules::{Detector, RulesConfig};
+
+use crate::policy::{Policy, PolicyKind, Thresholds};
+use crate::source::SourceConfig;
+use crate::store::{CaptureConfig, HistoryConfig, StoreConfig};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("the configuration has {} problem(s):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The configuration file as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Who this device is: written into every result and the MQTT topics.
+    pub device: DeviceSection,
+    /// Where frames come from (`kind` = synthetic, replay, v4l, realsense).
+    pub source: SourceConfig,
+    /// Queue and worker threads between the camera and the decision.
+    pub pipeline: PipelineSection,
+    /// Which stages decide, their thresholds and temporal smoothing.
+    pub policy: PolicySection,
+    /// The heuristic detector.
+    pub rules: RulesSection,
+    /// The neural network. Absent: no model; the hybrid policy then reports frames the rules
+    /// are unsure of as uncertain.
+    pub model: Option<ModelSection>,
+    /// Local storage: results history and captured uncertain frames.
+    pub store: StoreSection,
+    /// Results written as JSON lines.
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceSection {
+    /// Device name, e.g. `rdk-07`: letters, digits, `-`, `_`, `.` (it becomes an MQTT topic level).
+    pub id: String,
+    /// Production line, e.g. `L2` (same characters).
+    pub line: String,
+}
+
+impl Default for DeviceSection {
+    fn default() -> Self {
+        DeviceSection {
+            id: "demo".into(),
+            line: "L1".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Frames that may wait between capture and inference, 1..=256. When full, the oldest
+    /// waiting frame is dropped (and counted): a late result is worth less than a fresh one.
+    pub queue: usize,
+    /// Inference worker threads, 1..=64 (each runs the rules and, when needed, the model).
+    pub workers: usize,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        PipelineSection {
+            queue: 4,
+            // Two leave the capture thread a core of its own on a 4-core board and use both
+            // cores of a 2-core one.
+            workers: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicySection {
+    /// `hybrid` (rules first, the model when they are unsure), `rules`, `model` or `both`.
+    pub mode: PolicyKind,
+    /// Rules confidence needed to decide without the model, in (0, 1]. Default: the
+    /// calibrated `confident_at` of the rules config.
+    pub rules_confident_at: Option<f32>,
+    /// Model probability needed for a confident model answer, in (0, 1].
+    pub model_confident_at: f32,
+    /// Frames per smoothing window (majority weighted by confidence), 0 or 1 = off, at most 300.
+    pub smoothing_window: usize,
+    /// A pause between frames longer than this (ms) starts a new part for smoothing.
+    pub part_gap_ms: u64,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            mode: PolicyKind::Hybrid,
+            rules_confident_at: None,
+            model_confident_at: 0.8,
+            smoothing_window: 0,
+            // Two seconds: far longer than the 33 ms between frames at 30 fps, shorter than a
+            // part change on a line.
+            part_gap_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesSection {
+    /// A rules config (TOML, e.g. from `weld-trainer rules calibrate`); the built-in
+    /// calibration when absent.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The ONNX file.
+    pub onnx: PathBuf,
+    /// Output classes in logit order.
+    pub classes: Vec<String>,
+    /// Version reported in results (`model.version`); default: the file's stem.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Inference backend: `tract` (built in) or `ort` (needs the `ort` build feature).
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// ONNX Runtime's shared library (backend `ort`); default: the `ORT_DYLIB_PATH` variable.
+    #[serde(default)]
+    pub ort_library: Option<PathBuf>,
+    /// The model's input (channels, size, normalisation); default 224x224 RGB with ImageNet
+    /// statistics.
+    #[serde(default)]
+    pub input: Option<InputSpec>,
+}
+
+fn default_backend() -> String {
+    "tract".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// Data directory (created if missing).
+    pub dir: PathBuf,
+    /// Results history retention.
+    pub history: HistoryConfig,
+    /// Uncertain frames kept for retraining.
+    pub captures: CaptureConfig,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            dir: PathBuf::from("weld-edge-data"),
+            history: HistoryConfig::default(),
+            captures: CaptureConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSection {
+    /// Write every result as one JSON line on standard output.
+    pub stdout_jsonl: bool,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection { stdout_jsonl: true }
+    }
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device: String,
+    pub line: String,
+    pub source: SourceConfig,
+    pub queue: usize,
+    pub workers: usize,
+    pub policy: Policy,
+    pub smoothing_window: usize,
+    pub part_gap: Duration,
+    pub detector: Detector,
+    pub model: Option<ModelSection>,
+    pub store_dir: PathBuf,
+    pub store: StoreConfig,
+    pub stdout_jsonl: bool,
+}
+
+/// Limits of the pipeline section: more queued frames only add latency; more workers than
+/// this is a typo on any board we target.
+const MAX_QUEUE: usize = 256;
+const MAX_WORKERS: usize = 64;
+/// 300 frames is 10 s at 30 fps, longer than any seam we smooth over.
+const MAX_SMOOTHING_WINDOW: usize = 300;
+
+impl ConfigFile {
+    /// Reads a config file; syntax errors and unknown keys name the file, line and key.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every value and builds the running config; all problems are reported together.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        for (key, v) in [
+            ("device.id", &self.device.id),
+            ("device.line", &self.device.line),
+        ] {
+            if !is_topic_level(v) {
+                problems.push(format!(
+                    "{key} = {v:?}: use 1-64 letters, digits, '-', '_' or '.'"
+                ));
+            }
+        }
+        problems.extend(self.source.problems());
+        if !(1..=MAX_QUEUE).contains(&self.pipeline.queue) {
+            problems.push(format!(
+                "pipeline.queue = {}: must be 1..={MAX_QUEUE}",
+                self.pipeline.queue
+            ));
+        }
+        if !(1..=MAX_WORKERS).contains(&self.pipeline.workers) {
+            problems.push(format!(
+                "pipeline.workers = {}: must be 1..={MAX_WORKERS}",
+                self.pipeline.workers
+            ));
+        }
+
+        let rules_cfg = match &self.rules.file {
+            None => Some(RulesConfig::default()),
+            Some(p) => match RulesConfig::load(p) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    problems.push(format!("rules.file: {e}"));
+                    None
+                }
+            },
+        };
+        let detector = rules_cfg.and_then(|c| match Detector::new(c) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                problems.push(format!("rules.file: {e}"));
+                None
+            }
+        });
+        let thresholds = Thresholds {
+            rules_confident_at: self
+                .policy
+                .rules_confident_at
+                .unwrap_or_else(|| detector.as_ref().map_or(1.0, |d| d.config().confident_at)),
+            model_confident_at: self.policy.model_confident_at,
+        };
+        problems.extend(thresholds.problems("policy"));
+        if self.policy.smoothing_window > MAX_SMOOTHING_WINDOW {
+            problems.push(format!(
+                "policy.smoothing_window = {}: must be 0..={MAX_SMOOTHING_WINDOW}",
+                self.policy.smoothing_window
+            ));
+        }
+        if self.policy.part_gap_ms == 0 {
+            problems.push("policy.part_gap_ms = 0: must be at least 1".into());
+        }
+        if self.policy.mode == PolicyKind::Model && self.model.is_none() {
+            problems.push("policy.mode = \"model\" needs a [model] section".into());
+        }
+        if let Some(m) = &self.model {
+            problems.extend(model_problems(m));
+        }
+        if self.store.dir.as_os_str().is_empty() {
+            problems.push("store.dir is empty".into());
+        }
+        let store = StoreConfig {
+            history: self.store.history,
+            captures: self.store.captures,
+        };
+        problems.extend(store.problems());
+
+        match (problems.is_empty(), detector) {
+            (true, Some(detector)) => Ok(Config {
+                device: self.device.id,
+                line: self.device.line,
+                source: self.source,
+                queue: self.pipeline.queue,
+                workers: self.pipeline.workers,
+                policy: Policy {
+                    kind: self.policy.mode,
+                    thresholds,
+                },
+                smoothing_window: self.policy.smoothing_window,
+                part_gap: Duration::from_millis(self.policy.part_gap_ms),
+                detector,
+                model: self.model,
+                store_dir: self.store.dir,
+                store,
+                stdout_jsonl: self.output.stdout_jsonl,
+            }),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
+    }
+}
+
+impl Config {
+    /// The config from `path`, or the embedded demo defaults when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => ConfigFile::load(p)?.validate(),
+            None => ConfigFile::default().validate(),
+        }
+    }
+}
+
+fn model_problems(m: &ModelSection) -> Vec<String> {
+    let mut out = Vec::new();
+    if !m.onnx.is_file() {
+        out.push(format!(
+            "model.onnx = {:?}: no such file",
+            m.onnx.display().to_string()
+        ));
+    }
+    if m.classes.len() < 2 {
+        out.push(format!(
+            "model.classes: at least 2 classes needed, got {}",
+            m.classes.len()
+        ));
+    }
+    for (i, c) in m.classes.iter().enumerate() {
+        if c.trim().is_empty() {
+            out.push(format!("model.classes[{i}] is empty"));
+        } else if m.classes[..i].contains(c) {
+            out.push(format!("model.classes[{i}] = {c:?} is listed twice"));
+        }
+    }
+    if !crate::backend::available().contains(&m.backend.as_str()) {
+        out.push(format!(
+            "model.backend = {:?}: this build has {}{}",
+            m.backend,
+            crate::backend::available().join(", "),
+            if m.backend == "ort" {
+                " (build with --features ort for ONNX Runtime)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let Some(input) = &m.input {
+        out.extend(
+            input
+                .problems()
+                .into_iter()
+                .map(|p| format!("model.input: {p}")),
+        );
+    }
+    out
+}
+
+/// An MQTT topic level we are happy to build: no wildcards, separators or spaces.
+fn is_topic_level(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_is_the_demo() {
+        let c = Config::load(None).unwrap();
+        assert_eq!((c.device.as_str(), c.line.as_str()), ("demo", "L1"));
+        assert_eq!(c.policy.kind, PolicyKind::Hybrid);
+        assert_eq!(
+            c.policy.thresholds.rules_confident_at,
+            RulesConfig::default().confident_at
+        );
+        assert!(c.model.is_none());
+        assert!(matches!(c.source, SourceConfig::Synthetic(_)));
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key() {
+        let text = r#"
+            [device]
+            id = "rdk 07"
+            line = "L/2"
+            [pipeline]
+            queue = 0
+            workers = 100
+            [policy]
+            mode = "model"
+            model_confident_at = 1.5
+            smoothing_window = 1000
+        "#;
+        let file: ConfigFile = toml::from_str(text).unwrap();
+        let Err(ConfigError::Invalid(p)) = file.validate() else {
+            panic!("expected problems")
+        };
+        for key in [
+            "device.id",
+            "device.line",
+            "pipeline.queue",
+            "pipeline.workers",
+            "policy.model_confident_at",
+            "policy.smoothing_window",
+            "needs a [model] section",
+        ] {
+            assert!(
+                p.iter().any(|l| l.contains(key)),
+                "{key} missing from {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), 7, "{p:#?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = toml::from_str::<ConfigFile>("[pipeline]\nqeueu = 3\n").unwrap_err();
+        assert!(err.to_string().contains("qeueu"), "{err}");
+    }
+
+    #[test]
+    fn a_model_section_is_checked() {
+        let text = r#"
+            [model]
+            onnx = "/nonexistent/model.onnx"
+            classes = ["good", "good"]
+            backend = "magic"
+        "#;
+        let file: ConfigFile = toml::from_str(text).unwrap();
+        let Err(ConfigError::Invalid(p)) = file.validate() else {
+            panic!("expected problems")
+        };
+        assert!(p.iter().any(|l| l.contains("model.onnx")), "{p:#?}");
+        assert!(p.iter().any(|l| l.contains("model.classes[1]")), "{p:#?}");
+        assert!(p.iter().any(|l| l.contains("model.backend")), "{p:#?}");
+    }
+
+    #[test]
+    fn the_example_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-config");
+        for name in ["demo.toml", "rdk-x5-realsense.toml"] {
+            let mut file = ConfigFile::load(&dir.join(name)).unwrap();
+            // The board's model and rules files exist only on the board; everything else must
+            // be valid here, the model's input spec included.
+            if let Some(m) = file.model.take() {
+                assert!(m.input.is_none_or(|i| i.problems().is_empty()), "{name}");
+            }
+            file.rules.file = None;
+            if let Err(e) = file.validate() {
+                panic!("{name}: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! `weld-edge run`: opens the store, loads the model, starts the pipeline and runs until the
+//! shutdown future resolves (SIGTERM or ctrl-c in the binary; anything in tests) or the source
+//! ends. A model that fails to load does not stop the line: the daemon runs on the rules and
+//! says so.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use weld_core::manifest::InputSpec;
+
+use crate::config::{Config, ModelSection};
+use crate::model::{Model, ModelError, ModelOptions};
+use crate::pipeline::{self, Identity, PipelineSettings, Shared, Sink};
+use crate::sinks::{JsonlSink, StoreSink};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("camera: {0}")]
+    Source(#[from] crate::source::SourceError),
+    #[error("cannot start the pipeline threads: {0}")]
+    Threads(io::Error),
+}
+
+/// What a run did, for the log line at exit and for `bench`.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub elapsed: Duration,
+    pub captured: u64,
+    pub processed: u64,
+    pub dropped: u64,
+    pub model_runs: u64,
+}
+
+/// Loads the configured model; `Ok(None)` when none is configured.
+pub fn load_model(
+    section: Option<&ModelSection>,
+    workers: usize,
+) -> Result<Option<Model>, ModelError> {
+    let Some(m) = section else {
+        return Ok(None);
+    };
+    let options = ModelOptions {
+        backend: m.backend.clone(),
+        threads: workers,
+        ort_library: m.ort_library.clone(),
+        name: None,
+        version: m.version.clone(),
+    };
+    let input = m.input.clone().unwrap_or_else(|| InputSpec::rgb(224));
+    Model::from_onnx(&m.onnx, m.classes.clone(), input, &options).map(Some)
+}
+
+/// The shared state and the pipeline settings for `cfg`, with the model loaded (or the reason
+/// it is missing logged).
+pub fn prepare(cfg: &Config) -> (Arc<Shared>, PipelineSettings) {
+    let model = match load_model(cfg.model.as_ref(), cfg.workers) {
+        Ok(Some(m)) => {
+            tracing::info!(
+                model = m.name(),
+                version = m.version(),
+                backend = m.backend_name(),
+                "model loaded"
+            );
+            Some(Arc::new(m))
+        }
+        Ok(None) => {
+            if cfg.policy.kind.uses_model() {
+                tracing::warn!(
+                    "no model configured: frames the rules are unsure of are reported as \
+                     uncertain and kept for labelling"
+                );
+            }
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the model failed to load; running on the rules alone");
+            None
+        }
+    };
+    let shared = Shared::new(cfg.policy, model);
+    let settings = PipelineSettings {
+        identity: Identity {
+            device: cfg.device.clone(),
+            line: cfg.line.clone(),
+        },
+        queue: cfg.queue,
+        workers: cfg.workers,
+        detector: cfg.detector.clone(),
+        smoothing_window: cfg.smoothing_window,
+        part_gap: cfg.part_gap,
+    };
+    (shared, settings)
+}
+
+/// Runs the daemon until `shutdown` resolves or the source ends.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunReport, DaemonError> {
+    let store = Store::open(&cfg.store_dir, &cfg.store)?;
+    tracing::info!(dir = %cfg.store_dir.display(), results = store.history().len(), "store open");
+    let (shared, settings) = prepare(&cfg);
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(StoreSink::new(store, shared.clone()))];
+    if cfg.stdout_jsonl {
+        sinks.push(Box::new(JsonlSink::new(io::stdout())));
+    }
+    let source = pipeline::open_source(&cfg.source, &shared)?;
+    let started = Instant::now();
+    let running =
+        pipeline::start(settings, shared.clone(), source, sinks).map_err(DaemonError::Threads)?;
+    tracing::info!(
+        device = %cfg.device,
+        line = %cfg.line,
+        policy = %cfg.policy.kind,
+        workers = cfg.workers,
+        "pipeline running"
+    );
+
+    // The pipeline's threads end by themselves when a replay finishes; wait for that on a
+    // blocking thread so the shutdown future and the periodic log keep running.
+    let mut done = tokio::task::spawn_blocking(move || running.join());
+    let mut tick = tokio::time::interval(STATS_LOG_EVERY);
+    tick.tick().await;
+    tokio::pin!(shutdown);
+    let mut last = (Instant::now(), 0u64);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = &mut done => break,
+            () = &mut shutdown, if !stopping => {
+                tracing::info!("shutting down: finishing queued frames");
+                shared.shutdown.store(true, Ordering::Relaxed);
+                stopping = true;
+            }
+            _ = tick.tick() => {
+                let processed = shared.stats.processed.load(Ordering::Relaxed);
+                let fps = (processed - last.1) as f64 / last.0.elapsed().as_secs_f64();
+                last = (Instant::now(), processed);
+                tracing::info!(
+                    fps = format!("{fps:.1}"),
+                    processed,
+                    dropped = shared.stats.dropped.load(Ordering::Relaxed),
+                    model_runs = shared.stats.model_runs.load(Ordering::Relaxed),
+                    uncertain = shared.stats.uncertain.load(Ordering::Relaxed),
+                    camera = ?shared.stats.camera(),
+                    "stats"
+                );
+            }
+        }
+    }
+    let s = &shared.stats;
+    let report = RunReport {
+        elapsed: started.elapsed(),
+        captured: s.captured.load(Ordering::Relaxed),
+        processed: s.processed.load(Ordering::Relaxed),
+        dropped: s.dropped.load(Ordering::Relaxed),
+        model_runs: s.model_runs.load(Ordering::Relaxed),
+    };
+    tracing::info!(?report, "stopped");
+    Ok(report)
+}
+
+/// How often `run` logs a stats line.
+const STATS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Resolves on ctrl-c or SIGTERM (systemd's stop).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

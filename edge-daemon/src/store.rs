@@ -1,1 +1,0 @@
-//! The sled store: results history with retention, and captured uncertain frames.

@@ -1,0 +1,452 @@
+//! Interop tests of the inference backends and the model wrapper against the reference models
+//! in `shared/reference-models/` (see its README.md), plus small ONNX graphs built here with
+//! `tract_onnx::pb` to test refusals.
+//!
+//! The reference models are found through `WELD_REFERENCE_MODELS`, default
+//! `$CARGO_MANIFEST_DIR/../../shared/reference-models`; a missing folder fails the tests.
+//! With `--features ort` the same parity tests run in ONNX Runtime, whose library comes from
+//! `ORT_DYLIB_PATH` (a missing library fails them too).
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+use ndarray::{Array2, Array4};
+use prost::Message;
+use tract_onnx::pb;
+use weld_core::Frame;
+use weld_core::manifest::InputSpec;
+use weld_edge::backend::{self, Backend, BackendError};
+use weld_edge::model::{Model, ModelError, ModelOptions};
+
+const F32_MODEL: &str = "mobilenetv2_rgb_3cls_f32.onnx";
+const QDQ_MODEL: &str = "mobilenetv2_rgb_3cls_int8_qdq.onnx";
+const SHAPE: [usize; 4] = [1, 3, 224, 224];
+/// f32 runtimes agree with PyTorch to ~1e-8 on this model (NOTES-toolchain.md).
+const F32_TOLERANCE: f32 = 1e-4;
+/// Int8 kernels differ by about 1e-3 between CPUs (reference-models/README.md).
+const INT8_TOLERANCE: f32 = 2e-3;
+
+fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("WELD_REFERENCE_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference-models")
+        });
+    assert!(
+        dir.join(F32_MODEL).is_file(),
+        "reference models not found: looked for {F32_MODEL} in {} (set WELD_REFERENCE_MODELS \
+         to the folder holding shared/reference-models)",
+        dir.display()
+    );
+    dir
+}
+
+fn reference_input() -> Array4<f32> {
+    ndarray_npy::read_npy(models_dir().join("mobilenetv2_rgb_3cls_f32.input.npy")).unwrap()
+}
+
+fn reference_logits(name: &str) -> Array2<f32> {
+    ndarray_npy::read_npy(models_dir().join(name)).unwrap()
+}
+
+fn max_abs_diff(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn assert_parity(kind: &str, model: &str, logits: &str, tolerance: f32) {
+    let b = backend::load(kind, &models_dir().join(model), SHAPE, 1)
+        .unwrap_or_else(|e| panic!("{kind} could not load {model}: {e}"));
+    assert_eq!(b.name(), kind);
+    let got = b.infer(reference_input().view()).unwrap();
+    let expect = reference_logits(logits);
+    let diff = max_abs_diff(&got, &expect);
+    assert!(
+        diff <= tolerance,
+        "{kind} {model}: max |diff| {diff} > {tolerance}\n got {got}\n expected {expect}"
+    );
+}
+
+#[test]
+fn tract_f32_matches_pytorch() {
+    assert_parity(
+        "tract",
+        F32_MODEL,
+        "mobilenetv2_rgb_3cls_f32.logits.npy",
+        F32_TOLERANCE,
+    );
+}
+
+#[test]
+fn tract_int8_qdq_matches_onnx_runtime() {
+    // Regression: with a fixed input fact, the quantizer's value_info made tract fail with
+    // "Impossible to unify Sym(batch) with Val(1)".
+    assert_parity(
+        "tract",
+        QDQ_MODEL,
+        "mobilenetv2_rgb_3cls_int8_qdq.logits.npy",
+        INT8_TOLERANCE,
+    );
+}
+
+#[cfg(feature = "ort")]
+#[test]
+fn ort_f32_matches_pytorch() {
+    assert_parity(
+        "ort",
+        F32_MODEL,
+        "mobilenetv2_rgb_3cls_f32.logits.npy",
+        F32_TOLERANCE,
+    );
+}
+
+#[cfg(feature = "ort")]
+#[test]
+fn ort_int8_qdq_matches_onnx_runtime() {
+    assert_parity(
+        "ort",
+        QDQ_MODEL,
+        "mobilenetv2_rgb_3cls_int8_qdq.logits.npy",
+        INT8_TOLERANCE,
+    );
+}
+
+fn infer_from_two_threads(kind: &str) {
+    // threads = 2: for ort, two sessions, so the calls really overlap.
+    let b = backend::load(kind, &models_dir().join(F32_MODEL), SHAPE, 2).unwrap();
+    let input = reference_input();
+    let b: &dyn Backend = b.as_ref();
+    let barrier = std::sync::Barrier::new(2);
+    let results: Vec<Array2<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    (0..3)
+                        .map(|_| b.infer(input.view()).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(results.len(), 6);
+    for r in &results[1..] {
+        assert_eq!(r, &results[0], "{kind}: concurrent calls disagree");
+    }
+    let expect = reference_logits("mobilenetv2_rgb_3cls_f32.logits.npy");
+    assert!(max_abs_diff(&results[0], &expect) <= F32_TOLERANCE);
+}
+
+#[test]
+fn tract_infer_from_two_threads_gives_identical_logits() {
+    infer_from_two_threads("tract");
+}
+
+#[cfg(feature = "ort")]
+#[test]
+fn ort_infer_from_two_threads_gives_identical_logits() {
+    infer_from_two_threads("ort");
+}
+
+#[test]
+fn wrong_input_shape_is_an_error_not_a_panic() {
+    let b = backend::load("tract", &models_dir().join(F32_MODEL), SHAPE, 1).unwrap();
+    let err = b.infer(Array4::zeros((1, 3, 112, 112)).view()).unwrap_err();
+    assert!(matches!(err, BackendError::InputShape { .. }), "{err}");
+}
+
+// ---- small graphs built here -------------------------------------------------------------
+
+/// ONNX `TensorProto.DataType.FLOAT`.
+const FLOAT: i32 = 1;
+
+fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{Dimension, dimension::Value};
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: FLOAT,
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| Dimension {
+                            value: Some(Value::DimValue(*d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(domain: &str, op_type: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
+    pb::NodeProto {
+        op_type: op_type.into(),
+        domain: domain.into(),
+        name: format!("{op_type}_0"),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Writes a model `x [in_dims] -> nodes -> y [out_dims]` with opset 17 plus `extra_domains`
+/// (version 1) to a temp dir.
+fn write_model(
+    dir: &Path,
+    nodes: Vec<pb::NodeProto>,
+    in_dims: &[i64],
+    out_dims: &[i64],
+    extra_domains: &[&str],
+) -> PathBuf {
+    let mut opset_import = vec![pb::OperatorSetIdProto {
+        domain: String::new(),
+        version: 17,
+    }];
+    opset_import.extend(extra_domains.iter().map(|d| pb::OperatorSetIdProto {
+        domain: d.to_string(),
+        version: 1,
+    }));
+    let model = pb::ModelProto {
+        // IR version 8 goes with opset 17 (onnx/docs/Versioning.md).
+        ir_version: 8,
+        opset_import,
+        producer_name: "weld-edge tests".into(),
+        graph: Some(pb::GraphProto {
+            name: "test".into(),
+            node: nodes,
+            input: vec![value_info("x", in_dims)],
+            output: vec![value_info("y", out_dims)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let path = dir.join("model.onnx");
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    path
+}
+
+/// `x [1,C,H,W] -> GlobalAveragePool -> Flatten -> y [1,C]`: a "classifier" whose logits are
+/// the channel means, so its predictions can be worked out by hand.
+fn channel_mean_model(dir: &Path, c: i64, size: i64) -> PathBuf {
+    write_model(
+        dir,
+        vec![
+            node("", "GlobalAveragePool", &["x"], &["pooled"]),
+            node("", "Flatten", &["pooled"], &["y"]),
+        ],
+        &[1, c, size, size],
+        &[1, c],
+        &[],
+    )
+}
+
+fn assert_refused_naming(kind: &str, path: &Path, shape: [usize; 4], op: &str) {
+    let err = backend::load(kind, path, shape, 1).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, BackendError::UnsupportedOps { .. }),
+        "{kind}: expected an unsupported-operator error, got: {text}"
+    );
+    assert!(text.contains(op), "{kind}: {op} not named in: {text}");
+}
+
+#[test]
+fn tract_refuses_com_microsoft_qlinearadd_by_name() {
+    // The ORT quantizer's QOperator format uses QLinearAdd (NOTES-toolchain.md).
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(
+        dir.path(),
+        vec![node(
+            "com.microsoft",
+            "QLinearAdd",
+            &["x", "s", "z", "x", "s", "z", "s", "z"],
+            &["y"],
+        )],
+        &[1, 3, 4, 4],
+        &[1, 3, 4, 4],
+        &["com.microsoft"],
+    );
+    assert_refused_naming("tract", &path, [1, 3, 4, 4], "com.microsoft::QLinearAdd");
+}
+
+#[test]
+fn foreign_domain_op_is_refused_even_with_a_standard_name() {
+    // tract looks operators up by type alone: without the domain check this would run as
+    // the standard Relu.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(
+        dir.path(),
+        vec![node("com.example.weld", "Relu", &["x"], &["y"])],
+        &[1, 3, 4, 4],
+        &[1, 3, 4, 4],
+        &["com.example.weld"],
+    );
+    assert_refused_naming("tract", &path, [1, 3, 4, 4], "com.example.weld::Relu");
+}
+
+/// An operator no runtime has, in a domain no runtime registers.
+fn unknown_op_model(dir: &Path) -> PathBuf {
+    write_model(
+        dir,
+        vec![node("com.example.weld", "WeldMagic", &["x"], &["y"])],
+        &[1, 3, 4, 4],
+        &[1, 3, 4, 4],
+        &["com.example.weld"],
+    )
+}
+
+#[test]
+fn tract_refuses_an_unknown_op_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = unknown_op_model(dir.path());
+    assert_refused_naming("tract", &path, [1, 3, 4, 4], "WeldMagic");
+}
+
+#[cfg(feature = "ort")]
+#[test]
+fn ort_refuses_an_unknown_op_by_name() {
+    // ORT implements QLinearAdd and FusedConv itself: only an op it lacks tests its refusal.
+    let dir = tempfile::tempdir().unwrap();
+    let path = unknown_op_model(dir.path());
+    assert_refused_naming("ort", &path, [1, 3, 4, 4], "WeldMagic");
+}
+
+#[test]
+fn a_file_that_is_not_onnx_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    std::fs::write(&path, b"not a protobuf \xff\xff\xff").unwrap();
+    let err = backend::load("tract", &path, [1, 3, 4, 4], 1).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, BackendError::Invalid { .. }), "{text}");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+}
+
+// ---- the model wrapper -------------------------------------------------------------------
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn model_rejects_a_class_list_of_the_wrong_length() {
+    let err = Model::from_onnx(
+        &models_dir().join(F32_MODEL),
+        names(&["good", "porosity", "undercut", "spatter", "burn_through"]),
+        InputSpec::rgb(224),
+        &ModelOptions::default(),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            ModelError::ClassCount {
+                outputs: 3,
+                classes: 5,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains('3') && text.contains('5'), "{text}");
+}
+
+#[test]
+fn model_rejects_a_spec_with_other_channels_than_the_model() {
+    let err = Model::from_onnx(
+        &models_dir().join(F32_MODEL),
+        names(&["good", "porosity", "undercut"]),
+        InputSpec::rgb_height(224),
+        &ModelOptions::default(),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ModelError::InputMismatch { .. }), "{text}");
+    assert!(
+        text.contains("3 input channels") && text.contains('4'),
+        "{text}"
+    );
+}
+
+#[test]
+fn reference_model_predicts_a_frame() {
+    let model = Model::from_onnx(
+        &models_dir().join(F32_MODEL),
+        names(&["good", "porosity", "undercut"]),
+        InputSpec::rgb(224),
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(model.name(), "mobilenetv2_rgb_3cls_f32");
+    assert_eq!(model.backend_name(), "tract");
+    let frame = Frame::new(RgbImage::from_pixel(320, 240, Rgb([120, 90, 60])), None).unwrap();
+    let p = model.predict(&frame).unwrap();
+    assert_eq!(p.probabilities.len(), 3);
+    assert!((p.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    let best = p
+        .probabilities
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    assert_eq!(p.confidence, best);
+    assert!(model.classes().contains(&p.class));
+    assert!(p.preprocess_ms >= 0.0 && p.infer_ms > 0.0, "{p:?}");
+}
+
+#[test]
+fn model_prediction_follows_the_logits() {
+    // Channel-mean model with a plain [0,1] spec: a pure green frame has logits (0, 1, 0).
+    let dir = tempfile::tempdir().unwrap();
+    let path = channel_mean_model(dir.path(), 3, 8);
+    let mut spec = InputSpec::rgb(8);
+    spec.mean = vec![0.0; 3];
+    spec.std = vec![1.0; 3];
+    let model = Model::from_onnx(
+        &path,
+        names(&["red", "green", "blue"]),
+        spec,
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let frame = Frame::new(RgbImage::from_pixel(8, 8, Rgb([0, 255, 0])), None).unwrap();
+    let p = model.predict(&frame).unwrap();
+    assert_eq!(p.class, "green");
+    // softmax(0, 1, 0)[1] = e / (e + 2).
+    let e = std::f32::consts::E;
+    assert!((p.confidence - e / (e + 2.0)).abs() < 1e-5, "{p:?}");
+}
+
+#[test]
+fn height_model_on_a_frame_without_depth_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = channel_mean_model(dir.path(), 4, 8);
+    let model = Model::from_onnx(
+        &path,
+        names(&["a", "b", "c", "d"]),
+        InputSpec::rgb_height(8),
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let frame = Frame::new(RgbImage::new(8, 8), None).unwrap();
+    let err = model.predict(&frame).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ModelError::NoDepth { .. }), "{text}");
+    assert!(
+        text.contains("no depth") && text.contains("height"),
+        "{text}"
+    );
+}
