@@ -317,8 +317,10 @@ pub fn start(
 ) -> std::io::Result<Running> {
     let (queue, frames) = DropOldest::<Queued>::new(settings.queue);
     // Bounded so that a stalled sink backs up into the workers and from there into the
-    // drop-oldest queue, instead of growing memory.
-    let (results_tx, results_rx) = crossbeam_channel::bounded::<Processed>(64);
+    // drop-oldest queue, instead of growing memory; two per worker is enough to keep the
+    // workers busy while the fan-out writes (each item holds a frame: 1.5 MB at 640x480).
+    let (results_tx, results_rx) =
+        crossbeam_channel::bounded::<Processed>(2 * settings.workers.max(1));
     let dispatch = Arc::new(Mutex::new((frames, 0u64)));
     let mut threads = Vec::new();
 
@@ -620,6 +622,9 @@ fn deliver(
         p.result.confidence = d.confidence;
         p.result.uncertain = d.uncertain;
     }
+    // Ids are time-ordered (UUIDv7) and the history is keyed by them; made here, in capture
+    // order, rather than by parallel workers, so "results after ID" follows the line.
+    p.result.id = Inspection::new_id();
     let r = &p.result;
     stats.processed.fetch_add(1, Ordering::Relaxed);
     if r.uncertain {

@@ -10,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use image::{Rgb, RgbImage};
 use ndarray::{Array2, Array4};
 use prost::Message;
@@ -19,7 +21,7 @@ use weld_core::manifest::InputSpec;
 use weld_edge::backend::{self, Backend, BackendError};
 use weld_edge::model::{Model, ModelError, ModelOptions};
 
-const F32_MODEL: &str = "mobilenetv2_rgb_3cls_f32.onnx";
+use common::F32_MODEL;
 const QDQ_MODEL: &str = "mobilenetv2_rgb_3cls_int8_qdq.onnx";
 const SHAPE: [usize; 4] = [1, 3, 224, 224];
 /// f32 runtimes agree with PyTorch to ~1e-8 on this model (NOTES-toolchain.md).
@@ -28,18 +30,7 @@ const F32_TOLERANCE: f32 = 1e-4;
 const INT8_TOLERANCE: f32 = 2e-3;
 
 fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("WELD_REFERENCE_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference-models")
-        });
-    assert!(
-        dir.join(F32_MODEL).is_file(),
-        "reference models not found: looked for {F32_MODEL} in {} (set WELD_REFERENCE_MODELS \
-         to the folder holding shared/reference-models)",
-        dir.display()
-    );
-    dir
+    common::models_dir()
 }
 
 fn reference_input() -> Array4<f32> {

@@ -4,8 +4,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use weld_core::dataset::{Dataset, DatasetSpec};
-use weld_core::synth::{DEFAULT_CLASSES, SynthClass, SynthConfig, frame_seed, generate};
+mod common;
+
+use weld_core::synth::{SynthClass, SynthConfig, generate};
 
 fn edge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weld-edge"))
@@ -16,20 +17,7 @@ fn edge(args: &[&str]) -> Output {
 
 /// Two synthetic frames per class at 640x480.
 fn dataset(root: &Path) {
-    let cfg = SynthConfig::new(640, 480);
-    let spec = DatasetSpec {
-        classes: DEFAULT_CLASSES.map(String::from).to_vec(),
-        depth_unit_mm: Some(cfg.depth_unit_mm),
-        intrinsics: Some(cfg.intrinsics()),
-    };
-    let mut ds = Dataset::create(root, spec).unwrap();
-    for (ci, class) in SynthClass::ALL.into_iter().enumerate() {
-        for i in 0..2 {
-            let s = generate(class, frame_seed(99, ci, i), &cfg).unwrap();
-            ds.add_frame(Some(class.name()), &format!("f{i}"), &s.frame)
-                .unwrap();
-        }
-    }
+    common::synth_dataset(root, 640, 480, 2);
 }
 
 #[test]
@@ -103,4 +91,53 @@ fn bad_paths_are_named() {
     );
     let o = edge(&["inspect", "--depth-unit-mm", "0.05", rgb.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn hybrid_asks_the_model_exactly_about_the_frames_the_rules_are_unsure_of() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path());
+    let model = common::models_dir().join(common::F32_MODEL);
+    let o = edge(&[
+        "inspect",
+        "--policy",
+        "hybrid",
+        "--model",
+        model.to_str().unwrap(),
+        "--classes",
+        "good,porosity,undercut",
+        dir.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let rows: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 10);
+    let gate = weld_core::rules::RulesConfig::default().confident_at as f64;
+    let mut asked = 0;
+    for r in &rows {
+        let rules_conf = r["rules"]["confidence"].as_f64().unwrap();
+        let rules_sure = rules_conf >= gate && r["rules"].get("note").is_none();
+        if rules_sure {
+            assert!(r["model"].is_null(), "{r}");
+            assert_eq!(r["decided_by"], "rules");
+        } else {
+            asked += 1;
+            assert_eq!(r["decided_by"], "model", "{r}");
+            assert_eq!(r["class"], r["model"]["class"]);
+            assert_eq!(r["model"]["version"], "mobilenetv2_rgb_3cls_f32");
+            assert!(r["latency_ms"]["model"].as_f64().unwrap() > 0.0);
+        }
+    }
+    assert!(
+        err.contains(&format!("model ran on {asked} of 10 frames")),
+        "{err}"
+    );
+
+    let o = edge(&["inspect", "--policy", "model", dir.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--policy model needs --model"));
 }

@@ -106,15 +106,17 @@ impl std::fmt::Debug for OrtBackend {
 impl OrtBackend {
     /// Opens the library (first call only) and `options.threads` sessions of `path`.
     pub fn load(path: &Path, options: &BackendOptions) -> Result<OrtBackend, BackendError> {
-        // Read the graph first: a file that is not ONNX, or an input that is not one f32
-        // image, gets the same message in every backend.
+        // A missing library is a setup problem of the whole host: report it before
+        // anything about this model.
+        let library = library_path(options)?;
+        // Read the graph before ORT does: a file that is not ONNX, or an input that is not
+        // one f32 image, gets the same message in every backend.
         let (_, info) = OnnxInfo::read(path)?;
         info.check_shape(options.shape)
             .map_err(|detail| BackendError::Invalid {
                 path: path.to_owned(),
                 detail,
             })?;
-        let library = library_path(options)?;
         let env = environment(&library)?;
         let sessions = (0..options.threads)
             .map(|_| open_session(&env, path, &info).map(Mutex::new))
