@@ -641,12 +641,13 @@ fn corrupt_captures_are_skipped_in_lists_and_an_error_on_get() {
                 .unwrap();
         }
     }
-    poke(
-        dir.path(),
-        "capture_frames",
-        broken_frame.as_bytes(),
-        b"\0\0\0\x05junk",
-    );
+    std::fs::write(
+        dir.path()
+            .join("captures")
+            .join(format!("{broken_frame}.png")),
+        b"junk",
+    )
+    .unwrap();
     poke(dir.path(), "captures", broken_meta.as_bytes(), b"garbage");
 
     let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
@@ -664,6 +665,48 @@ fn corrupt_captures_are_skipped_in_lists_and_an_error_on_get() {
         assert!(err.to_string().contains(&id.to_string()), "{err}");
     }
     assert!(c.get(good).unwrap().is_some());
+}
+
+#[test]
+fn images_left_by_a_crash_before_their_record_are_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept = id_at(T0_MS, 0);
+    {
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        store
+            .captures()
+            .put(&synth_frame(1), &result(kept, 0))
+            .unwrap();
+    }
+    let folder = dir.path().join("captures");
+    let orphan = id_at(T0_MS + 5, 0);
+    for name in [
+        format!("{orphan}.png"),
+        format!("{orphan}.depth.png"),
+        format!(".{orphan}.png.tmp-4242"),
+    ] {
+        std::fs::write(folder.join(name), b"half a frame").unwrap();
+    }
+    std::fs::write(folder.join("notes.txt"), b"someone else's").unwrap();
+
+    let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            format!("{kept}.depth.png"),
+            format!("{kept}.png"),
+            "notes.txt".to_string()
+        ]
+    );
+    assert_eq!(
+        store.captures().get(kept).unwrap().unwrap().frame,
+        synth_frame(1)
+    );
 }
 
 // ------------------------------------------------------------------ opening

@@ -1,29 +1,28 @@
 //! Captured frames: the uncertain frames (and those a `capture` command asks for), kept with
 //! their result for retraining; the oldest are dropped first.
 //!
-//! Two trees, both keyed by the inspection id's 16 UUIDv7 bytes (time order):
-//!
-//! - `captures`: a small JSON record, so listing never reads the images:
+//! - The `captures` tree, keyed by the inspection id's 16 UUIDv7 bytes (time order), holds a
+//!   small JSON record, so listing never reads the images:
 //!   `{"v":1, "result":{…result JSON…}, "frame":{"width":640, "height":480,
 //!   "ts":"…", "seq":7, "depth_unit_mm":0.05|null, "intrinsics":{"fx":…,"fy":…,"cx":…,"cy":…}|null},
 //!   "rgb_png_bytes":N, "depth_png_bytes":M}`.
-//! - `capture_frames`: `rgb_png_len: u32 BE`, the 8-bit RGB PNG, then the 16-bit grayscale depth
-//!   PNG (the dataset format's `STEM.depth.png`; empty when the frame has no depth).
+//! - The images are files in the captures folder: `ID.png` (8-bit RGB) and `ID.depth.png`
+//!   (16-bit grayscale depth, absent when the frame has none) — the dataset format.
 //!
-//! Both are written and removed in one sled transaction. The byte total is the sum of both
-//! values' lengths. On open it is recounted from the `captures` records alone (they state the
-//! PNG sizes), so opening never reads the images; only a record that does not decode costs a
-//! read of its frame.
+//! Files are written before the record and removed after it (crash rules in the
+//! [store](super) docs). The byte total is the record plus both PNGs. On open it is recounted
+//! from the records alone (they state the PNG sizes), so opening never reads the images; files
+//! that no record names (a crash between the two writes) are deleted.
 
+use std::collections::HashSet;
 use std::ops::Bound;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{DynamicImage, ImageEncoder, ImageFormat};
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use uuid::Uuid;
 use weld_core::{DecidedBy, DepthMap, Frame, Inspection, Intrinsics};
 
@@ -35,9 +34,6 @@ use super::{
 /// Smallest accepted `store.captures.max_bytes`: 1 MiB holds one 640x480 RGB-D capture (about
 /// 0.5 MB of RGB PNG and 0.3 MB of depth PNG for a weld scene); below it most puts would fail.
 const MIN_CAPTURE_BYTES: u64 = 1024 * 1024;
-
-/// Bytes of the RGB length prefix in a `capture_frames` value.
-const RGB_LEN_PREFIX: usize = 4;
 
 /// `v` of the `captures` records this code writes.
 const RECORD_VERSION: u32 = 1;
@@ -148,55 +144,98 @@ struct FrameInfo {
 }
 
 impl Record {
-    /// Bytes of the `capture_frames` value this record describes.
+    /// Bytes of the image files this record describes.
     fn frames_bytes(&self) -> u64 {
-        len64(RGB_LEN_PREFIX) + self.rgb_png_bytes + self.depth_png_bytes
+        self.rgb_png_bytes + self.depth_png_bytes
     }
 }
 
-/// Handle to the captured frames. Clones share the trees and the counters.
+/// Handle to the captured frames. Clones share the tree, the folder and the counters.
 #[derive(Debug, Clone)]
 pub struct Captures {
     meta: sled::Tree,
-    frames: sled::Tree,
+    /// The folder of the image files.
+    dir: PathBuf,
     limits: Limits,
-    /// Count and bytes of both trees; the lock also serialises writers.
+    /// Count and bytes of records and images; the lock also serialises writers.
     totals: Arc<Mutex<Totals>>,
 }
 
-/// Maps a transaction's error; the transactions here never abort on their own.
-fn tx_err(
-    op: &'static str,
-) -> impl FnOnce(TransactionError<std::convert::Infallible>) -> StoreError {
-    move |e| match e {
-        TransactionError::Storage(source) => StoreError::Sled { op, source },
-        TransactionError::Abort(never) => match never {},
+/// `ID.png` and `ID.depth.png` in `dir`.
+fn image_paths(dir: &Path, id: Uuid) -> (PathBuf, PathBuf) {
+    let stem = id.hyphenated().to_string();
+    (
+        dir.join(format!("{stem}.png")),
+        dir.join(format!("{stem}{}", weld_core::frame::DEPTH_SUFFIX)),
+    )
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::CaptureFile {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Removes a file that may already be gone.
+fn remove_file(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(file_err(path)(e)),
+        _ => Ok(()),
     }
 }
 
 impl Captures {
-    /// Counts the captures from their metadata records and trims them to `config`.
+    /// Counts the captures from their metadata records, deletes image files no record names
+    /// (left by a crash between the two writes) and trims to `config`.
     pub(super) fn open(
         meta: sled::Tree,
-        frames: sled::Tree,
+        dir: &Path,
         config: &CaptureConfig,
     ) -> Result<Captures, StoreError> {
+        std::fs::create_dir_all(dir).map_err(file_err(dir))?;
         let mut totals = Totals::default();
+        let mut known = HashSet::new();
         for item in meta.iter() {
             let (k, v) = item.map_err(sled_err("captures count on open"))?;
             let frames_bytes = match decode_or_skip::<Record>(CAPTURES_TREE, &k, &v) {
                 Some(r) => r.frames_bytes(),
-                // The record cannot say how big its frame is; ask the frame itself.
-                None => frames
-                    .get(&k)
-                    .map_err(sled_err("captures count on open"))?
-                    .map_or(0, |f| len64(f.len())),
+                // The record cannot say how big its images are: ask the files.
+                None => Uuid::from_slice(&k).map_or(0, |id| {
+                    let (rgb, depth) = image_paths(dir, id);
+                    [rgb, depth]
+                        .iter()
+                        .filter_map(|p| std::fs::metadata(p).ok())
+                        .map(|m| m.len())
+                        .sum()
+                }),
             };
+            if let Ok(id) = Uuid::from_slice(&k) {
+                known.insert(id);
+            }
             totals.add(len64(v.len()) + frames_bytes);
+        }
+        for entry in std::fs::read_dir(dir).map_err(file_err(dir))? {
+            let path = entry.map_err(file_err(dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let stem = name
+                .strip_suffix(weld_core::frame::DEPTH_SUFFIX)
+                .or_else(|| name.strip_suffix(".png"))
+                .unwrap_or(name);
+            let orphan = match Uuid::parse_str(stem) {
+                Ok(id) => !known.contains(&id),
+                // Not an id: a temporary file of an interrupted write (`.NAME.tmp-PID`, see
+                // `weld_core::fsutil::write_atomic`) is removed, anything else left alone.
+                Err(_) => name.starts_with('.') && name.contains(".tmp-"),
+            };
+            if orphan {
+                tracing::info!(file = %path.display(), "removing a capture image without a record");
+                remove_file(&path)?;
+            }
         }
         let captures = Captures {
             meta,
-            frames,
+            dir: dir.to_path_buf(),
             limits: config.limits(),
             totals: Arc::new(Mutex::new(totals)),
         };
@@ -246,18 +285,7 @@ impl Captures {
             depth_png_bytes: len64(depth.len()),
         };
         let meta_value = encode_checked(id, &record)?;
-        let rgb_len = u32::try_from(rgb.len()).map_err(|_| StoreError::TooLarge {
-            what: "capture",
-            id,
-            bytes: len64(rgb.len()),
-            key: "the RGB PNG size limit of 4 GiB (u32 length prefix)",
-            max_bytes: u64::from(u32::MAX),
-        })?;
-        let mut frames_value = Vec::with_capacity(RGB_LEN_PREFIX + rgb.len() + depth.len());
-        frames_value.extend_from_slice(&rgb_len.to_be_bytes());
-        frames_value.extend_from_slice(&rgb);
-        frames_value.extend_from_slice(&depth);
-        let size = len64(meta_value.len()) + len64(frames_value.len());
+        let size = len64(meta_value.len()) + record.frames_bytes();
         if size > self.limits.max_bytes {
             return Err(StoreError::TooLarge {
                 what: "capture",
@@ -269,17 +297,21 @@ impl Captures {
         }
 
         let mut totals = lock(&self.totals);
-        let old = (&self.meta, &self.frames)
-            .transaction(|(m, f)| {
-                let old_meta = m.insert(&key, meta_value.as_slice())?;
-                let old_frames = f.insert(&key, frames_value.as_slice())?;
-                Ok::<_, ConflictableTransactionError<std::convert::Infallible>>(
-                    old_meta.map(|om| len64(om.len()) + old_frames.map_or(0, |of| len64(of.len()))),
-                )
-            })
-            .map_err(tx_err("captures put"))?;
-        if let Some(old_bytes) = old {
-            totals.sub(old_bytes);
+        // Images first, the record after: a crash in between leaves files that open() removes.
+        let (rgb_path, depth_path) = image_paths(&self.dir, id);
+        weld_core::fsutil::write_atomic(&rgb_path, &rgb).map_err(file_err(&rgb_path))?;
+        if depth.is_empty() {
+            remove_file(&depth_path)?;
+        } else {
+            weld_core::fsutil::write_atomic(&depth_path, &depth).map_err(file_err(&depth_path))?;
+        }
+        let old = self
+            .meta
+            .insert(key, meta_value.as_slice())
+            .map_err(sled_err("captures put"))?;
+        if let Some(old) = old {
+            let old_images = serde_json::from_slice::<Record>(&old).map_or(0, |r| r.frames_bytes());
+            totals.sub(len64(old.len()) + old_images);
         }
         totals.add(size);
         self.trim_locked(&mut totals)
@@ -290,16 +322,35 @@ impl Captures {
             let Some((key, _)) = self.meta.first().map_err(sled_err("captures retention"))? else {
                 return Ok(None);
             };
-            let removed = (&self.meta, &self.frames)
-                .transaction(|(m, f)| {
-                    let meta = m.remove(&key)?;
-                    let frames = f.remove(&key)?;
-                    Ok::<_, ConflictableTransactionError<std::convert::Infallible>>(
-                        meta.map_or(0, |v| len64(v.len())) + frames.map_or(0, |v| len64(v.len())),
-                    )
-                })
-                .map_err(tx_err("captures retention"))?;
-            Ok(Some(removed))
+            // The record first, the images after (crash rules in the store docs).
+            let removed = self
+                .meta
+                .remove(&key)
+                .map_err(sled_err("captures retention"))?;
+            let mut bytes = 0;
+            if let Some(v) = &removed {
+                bytes += len64(v.len());
+                match serde_json::from_slice::<Record>(v) {
+                    Ok(r) => bytes += r.frames_bytes(),
+                    // Counted on open from the files' sizes; count them the same way here.
+                    Err(_) => {
+                        if let Ok(id) = Uuid::from_slice(&key) {
+                            let (rgb, depth) = image_paths(&self.dir, id);
+                            bytes += [rgb, depth]
+                                .iter()
+                                .filter_map(|p| std::fs::metadata(p).ok())
+                                .map(|m| m.len())
+                                .sum::<u64>();
+                        }
+                    }
+                }
+            }
+            if let Ok(id) = Uuid::from_slice(&key) {
+                let (rgb, depth) = image_paths(&self.dir, id);
+                remove_file(&rgb)?;
+                remove_file(&depth)?;
+            }
+            Ok(Some(bytes))
         })
         .map(|_| ())
     }
@@ -357,12 +408,18 @@ impl Captures {
         };
         let record: Record = serde_json::from_slice(&meta)
             .map_err(|e| corrupt(format!("metadata does not decode: {e}")))?;
-        let frames = self
-            .frames
-            .get(key)
-            .map_err(sled_err("captures get"))?
-            .ok_or_else(|| corrupt("the frame is missing".to_string()))?;
-        let (rgb_png, depth_png) = split_frames(&frames).map_err(corrupt)?;
+        let (rgb_path, depth_path) = image_paths(&self.dir, id);
+        let read = |p: &Path| match std::fs::read(p) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(file_err(p)(e)),
+        };
+        let rgb_png = read(&rgb_path)?;
+        if rgb_png.is_empty() {
+            return Err(corrupt(format!("{} is missing", rgb_path.display())));
+        }
+        let depth_png = read(&depth_path)?;
+        let (rgb_png, depth_png) = (rgb_png.as_slice(), depth_png.as_slice());
         let rgb = match decode_png(rgb_png).map_err(&corrupt)? {
             DynamicImage::ImageRgb8(img) => img,
             other => return Err(corrupt(format!("RGB PNG decodes as {:?}", other.color()))),
@@ -443,42 +500,9 @@ fn decode_png(bytes: &[u8]) -> Result<DynamicImage, String> {
     image::load_from_memory_with_format(bytes, ImageFormat::Png).map_err(|e| format!("PNG: {e}"))
 }
 
-/// Splits a `capture_frames` value into the RGB PNG and the (possibly empty) depth PNG.
-fn split_frames(value: &[u8]) -> Result<(&[u8], &[u8]), String> {
-    let Some((prefix, rest)) = value.split_first_chunk::<RGB_LEN_PREFIX>() else {
-        return Err(format!(
-            "frame record is {} bytes, shorter than its prefix",
-            value.len()
-        ));
-    };
-    let rgb_len = usize::try_from(u32::from_be_bytes(*prefix)).unwrap_or(usize::MAX);
-    if rgb_len > rest.len() {
-        return Err(format!(
-            "frame record says {rgb_len} bytes of RGB PNG but holds {}",
-            rest.len()
-        ));
-    }
-    Ok(rest.split_at(rgb_len))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn split_frames_checks_the_prefix() {
-        assert_eq!(
-            split_frames(&[0, 0, 0, 2, 7, 8, 9]).unwrap(),
-            (&[7u8, 8][..], &[9u8][..])
-        );
-        assert_eq!(split_frames(&[0, 0, 0, 0]).unwrap(), (&[][..], &[][..]));
-        assert!(split_frames(&[0, 0, 0]).unwrap_err().contains("shorter"));
-        assert!(
-            split_frames(&[0, 0, 0, 9, 1])
-                .unwrap_err()
-                .contains("9 bytes")
-        );
-    }
 
     #[test]
     fn png_round_trips_16_bit_samples() {
