@@ -7,26 +7,15 @@
 //! intra-op thread in ORT: the per-worker cost the daemon pays.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ndarray::Array4;
 use weld_edge::backend;
 
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("WELD_REFERENCE_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference-models")
-        });
-    assert!(
-        dir.is_dir(),
-        "reference models not found at {} (set WELD_REFERENCE_MODELS)",
-        dir.display()
-    );
-    dir
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::models_dir;
 
 fn bench_backends(c: &mut Criterion) {
     let dir = models_dir();
