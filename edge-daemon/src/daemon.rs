@@ -24,6 +24,10 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("camera: {0}")]
     Source(#[from] crate::source::SourceError),
+    /// The source stopped for good while running (the daemon exits non-zero so that a
+    /// supervisor restarts it).
+    #[error("capture stopped: {0}")]
+    CaptureStopped(String),
     #[error("cannot start the pipeline threads: {0}")]
     Threads(io::Error),
 }
@@ -164,7 +168,10 @@ pub async fn run(
         model_runs: s.model_runs.load(Ordering::Relaxed),
     };
     tracing::info!(?report, "stopped");
-    Ok(report)
+    match shared.stats.camera() {
+        crate::source::CameraState::Failed(why) => Err(DaemonError::CaptureStopped(why)),
+        _ => Ok(report),
+    }
 }
 
 /// How often `run` logs a stats line.

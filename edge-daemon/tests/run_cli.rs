@@ -231,3 +231,41 @@ fn bench_prints_stage_quantiles_and_fps() {
     );
     assert!(text.contains("fps") && text.contains("peak RSS"), "{text}");
 }
+
+#[test]
+fn a_replay_that_cannot_be_read_is_refused_naming_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("frames");
+    std::fs::create_dir_all(&data).unwrap();
+    // Depth files without a unit: the replay cannot read them and says so.
+    let frame = weld_core::synth::generate(
+        weld_core::synth::SynthClass::Good,
+        1,
+        &weld_core::synth::SynthConfig::new(160, 120),
+    )
+    .unwrap()
+    .frame;
+    frame
+        .save(&data.join("a.png"), &data.join("a.depth.png"))
+        .unwrap();
+    let config = tmp.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nkind = \"replay\"\npath = \"{}\"\n[store]\ndir = \"{}\"\n",
+            data.display(),
+            tmp.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let out = edge()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("depth_unit_mm") || err.contains("depth unit"),
+        "{err}"
+    );
+}
