@@ -2,8 +2,8 @@
 //! tract f32, tract int8 QDQ, and with `--features ort` ONNX Runtime f32 and int8 QDQ.
 //!
 //! `cargo bench -p weld-edge --bench backends [--features ort]`; the models are found like
-//! the interop tests find them (`WELD_REFERENCE_MODELS`, default `../shared/reference-models`
-//! beside the workspace), ONNX Runtime through `ORT_DYLIB_PATH`. One caller thread, and one
+//! the interop tests find them (`WELD_REFERENCE_MODELS`, default the repository's copy in
+//! `tests/reference-models`), ONNX Runtime through `ORT_DYLIB_PATH`. One caller thread, and one
 //! intra-op thread in ORT: the per-worker cost the daemon pays.
 #![allow(clippy::unwrap_used)]
 

@@ -1,9 +1,9 @@
 //! Interop tests of the inference backends and the model wrapper against the reference models
-//! in `shared/reference-models/` (see its README.md), plus small ONNX graphs built here with
-//! `tract_onnx::pb` to test refusals.
+//! in `tests/reference-models/` (a copy of `../shared/reference-models/`; see its ORIGIN.md),
+//! plus small ONNX graphs built here with `tract_onnx::pb` to test refusals.
 //!
 //! The reference models are found through `WELD_REFERENCE_MODELS`, default
-//! `$CARGO_MANIFEST_DIR/../../shared/reference-models`; a missing folder fails the tests.
+//! `tests/reference-models` of the repository; a missing folder fails the tests.
 //! With `--features ort` the same parity tests run in ONNX Runtime, whose library comes from
 //! `ORT_DYLIB_PATH` (a missing library fails them too).
 #![allow(clippy::unwrap_used)]

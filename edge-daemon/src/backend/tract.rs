@@ -45,13 +45,16 @@ impl TractBackend {
     /// before tract starts (its own error for them comes late and names a node, not an op).
     pub fn load(path: &Path, options: &BackendOptions) -> Result<TractBackend, BackendError> {
         let (proto, info) = OnnxInfo::read(path)?;
-        TractBackend::from_proto(path, &proto, &info, options)
+        TractBackend::from_proto(path, proto, &info, options)
     }
 
-    /// Loads an already decoded model; `path` is for messages and external weight files.
+    /// Loads an already decoded model; `path` is for messages and external weight files. The
+    /// proto is consumed and dropped as soon as tract has parsed it: its weights would
+    /// otherwise stay alive beside tract's own copies while the graph is optimised (~14 MB at
+    /// peak for an f32 MobileNetV2).
     pub fn from_proto(
         path: &Path,
-        proto: &pb::ModelProto,
+        proto: pb::ModelProto,
         info: &OnnxInfo,
         options: &BackendOptions,
     ) -> Result<TractBackend, BackendError> {
@@ -84,7 +87,8 @@ impl TractBackend {
         };
         // External weight files are looked up next to the model.
         let dir = path.parent().and_then(Path::to_str);
-        let parsed = onnx.parse(proto, dir).map_err(load_err)?;
+        let parsed = onnx.parse(&proto, dir).map_err(load_err)?;
+        drop(proto);
         if !parsed.unresolved_inputs.is_empty() {
             return Err(BackendError::Invalid {
                 path: path.to_owned(),

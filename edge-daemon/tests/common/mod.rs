@@ -27,18 +27,19 @@ pub fn synth_dataset(root: &Path, width: u32, height: u32, per_class: usize) {
 /// The f32 reference MobileNetV2 (3 classes, random weights) beside the repository.
 pub const F32_MODEL: &str = "mobilenetv2_rgb_3cls_f32.onnx";
 
-/// The folder of the reference models: `WELD_REFERENCE_MODELS`, default
-/// `$CARGO_MANIFEST_DIR/../../shared/reference-models`. A missing folder fails the test.
+/// The folder of the reference models: `WELD_REFERENCE_MODELS`, default the repository's copy
+/// in `tests/reference-models` (made by PyTorch and ONNX Runtime; see its ORIGIN.md). A
+/// missing folder fails the test.
 pub fn models_dir() -> PathBuf {
     let dir = std::env::var_os("WELD_REFERENCE_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference-models")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference-models")
         });
     assert!(
         dir.join(F32_MODEL).is_file(),
         "reference models not found: looked for {F32_MODEL} in {} (set WELD_REFERENCE_MODELS \
-         to the folder holding shared/reference-models)",
+         to a folder holding the reference models)",
         dir.display()
     );
     dir
