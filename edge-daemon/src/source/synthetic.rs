@@ -353,12 +353,9 @@ fn render_pool(
                 return;
             }
             if let (true, Some(period)) = (j >= per_class, period) {
-                let end = std::time::Instant::now() + period;
-                while std::time::Instant::now() < end {
-                    if pool.stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(50).min(period));
+                super::sleep_unless(&pool.stop, period);
+                if pool.stop.load(Ordering::Relaxed) {
+                    return;
                 }
             }
             let result = generate(class, frame_seed(seed, class as usize, j), synth);
@@ -482,5 +479,47 @@ mod tests {
         let a: Vec<_> = (0..50).map(|_| again.draw_class()).collect();
         let b: Vec<_> = (0..50).map(|_| first.draw_class()).collect();
         assert_eq!(a, b, "same seed, same classes");
+    }
+
+    #[test]
+    fn the_pool_is_renewed_in_the_background() {
+        let cfg = SyntheticConfig {
+            width: 160,
+            height: 120,
+            fps: 0.0,
+            mix: [("good".to_string(), 1.0)].into(),
+            pool: 1,
+            refresh_per_s: 50.0,
+            ..SyntheticConfig::default()
+        };
+        let mut s = SyntheticSource::open(&cfg).unwrap();
+        let frame = |s: &mut SyntheticSource| match s.next_frame().unwrap() {
+            Next::Frame(f) => f.rgb().clone(),
+            Next::End => panic!("a synthetic camera never ends"),
+        };
+        let first = frame(&mut s);
+        assert_eq!(
+            frame(&mut s),
+            first,
+            "one scene in the pool: the same pixels"
+        );
+        // At 50 scenes/s a new scene replaces the only one within a few tens of ms; allow
+        // 2 s on a loaded machine.
+        let t = std::time::Instant::now();
+        while frame(&mut s) == first {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "the pool was never renewed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let off = SyntheticConfig {
+            refresh_per_s: 0.0,
+            ..cfg
+        };
+        let mut s = SyntheticSource::open(&off).unwrap();
+        let first = frame(&mut s);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(frame(&mut s), first, "refresh 0 keeps the first pool");
     }
 }
