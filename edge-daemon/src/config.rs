@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use weld_core::manifest::InputSpec;
+use weld_core::manifest::{InputSpec, class_list_problems};
 use weld_core::rules::{Detector, RulesConfig};
 
 use crate::policy::{Policy, PolicyKind, Thresholds};
@@ -347,19 +347,7 @@ fn model_problems(m: &ModelSection) -> Vec<String> {
             m.onnx.display().to_string()
         ));
     }
-    if m.classes.len() < 2 {
-        out.push(format!(
-            "model.classes: at least 2 classes needed, got {}",
-            m.classes.len()
-        ));
-    }
-    for (i, c) in m.classes.iter().enumerate() {
-        if c.trim().is_empty() {
-            out.push(format!("model.classes[{i}] is empty"));
-        } else if m.classes[..i].contains(c) {
-            out.push(format!("model.classes[{i}] = {c:?} is listed twice"));
-        }
-    }
+    out.extend(class_list_problems("model.classes", &m.classes));
     if !crate::backend::available().contains(&m.backend.as_str()) {
         out.push(format!(
             "model.backend = {:?}: this build has {}{}",

@@ -338,25 +338,15 @@ fn check_spec(model: &str, input: &InputSpec) -> Result<(), ModelError> {
 }
 
 fn check_classes(model: &str, classes: &[String]) -> Result<(), ModelError> {
-    let invalid = |problem: String| ModelError::InvalidClasses {
-        model: model.into(),
-        problem,
-    };
-    if classes.len() < 2 {
-        return Err(invalid(format!(
-            "a classifier needs at least 2 class names, got {}",
-            classes.len()
-        )));
+    let problems = weld_core::manifest::class_list_problems("classes", classes);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ModelError::InvalidClasses {
+            model: model.into(),
+            problem: problems.join("; "),
+        })
     }
-    for (i, c) in classes.iter().enumerate() {
-        if c.trim().is_empty() {
-            return Err(invalid(format!("class name {i} is empty")));
-        }
-        if classes[..i].contains(c) {
-            return Err(invalid(format!("class {c:?} is listed twice")));
-        }
-    }
-    Ok(())
 }
 
 fn ms_since(t: Instant) -> f32 {

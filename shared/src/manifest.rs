@@ -185,6 +185,26 @@ pub enum Quantization {
     Int8,
 }
 
+/// Every problem with a classifier's output classes: at least 2 names, none empty, none twice.
+/// Each message names `key` (e.g. `classes`, `model.classes`); empty when the list is usable.
+pub fn class_list_problems(key: &str, classes: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    if classes.len() < 2 {
+        out.push(format!(
+            "{key} must list at least 2 classes, got {}",
+            classes.len()
+        ));
+    }
+    for (i, c) in classes.iter().enumerate() {
+        if c.trim().is_empty() {
+            out.push(format!("{key}[{i}] is empty"));
+        } else if classes[..i].contains(c) {
+            out.push(format!("{key}[{i}] = {c:?} is listed twice"));
+        }
+    }
+    out
+}
+
 /// Where a model came from, so that it can be reproduced.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Lineage {
@@ -248,19 +268,7 @@ impl ModelManifest {
         if self.version.trim().is_empty() {
             out.push("version is empty".into());
         }
-        if self.classes.len() < 2 {
-            out.push(format!(
-                "classes must list at least 2 classes, got {}",
-                self.classes.len()
-            ));
-        }
-        for (i, c) in self.classes.iter().enumerate() {
-            if c.trim().is_empty() {
-                out.push(format!("classes[{i}] is empty"));
-            } else if self.classes[..i].contains(c) {
-                out.push(format!("classes lists {c:?} twice"));
-            }
-        }
+        out.extend(class_list_problems("classes", &self.classes));
         if self.onnx_sha256.len() != 64 || !self.onnx_sha256.bytes().all(|b| b.is_ascii_hexdigit())
         {
             out.push(format!(

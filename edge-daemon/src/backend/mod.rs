@@ -177,6 +177,21 @@ impl BackendOptions {
     }
 }
 
+/// The error for an input of another shape than the backend was loaded for, if so.
+pub(crate) fn check_input(
+    expected: [usize; 4],
+    input: &ArrayView4<'_, f32>,
+) -> Result<(), BackendError> {
+    if input.shape() == expected {
+        Ok(())
+    } else {
+        Err(BackendError::InputShape {
+            expected,
+            got: input.shape().to_vec(),
+        })
+    }
+}
+
 /// The backends this build has, by config name.
 pub fn available() -> &'static [&'static str] {
     #[cfg(feature = "ort")]

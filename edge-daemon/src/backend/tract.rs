@@ -131,12 +131,7 @@ impl Backend for TractBackend {
     }
 
     fn infer(&self, input: ArrayView4<'_, f32>) -> Result<Array2<f32>, BackendError> {
-        if input.shape() != self.shape {
-            return Err(BackendError::InputShape {
-                expected: self.shape,
-                got: input.shape().to_vec(),
-            });
-        }
+        super::check_input(self.shape, &input)?;
         let failed = |e: anyhow::Error| BackendError::Inference {
             backend: "tract",
             detail: format!("{e:#}"),

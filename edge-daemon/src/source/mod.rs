@@ -171,6 +171,23 @@ fn range_problem(key: &str, value: u32, lo: u32, hi: u32, unit: &str) -> Option<
     (!(lo..=hi).contains(&value)).then(|| format!("{key} is {value}; allowed: {lo}..={hi} {unit}"))
 }
 
+/// The problems with a camera mode `[width px, height px, fps]` of a hardware source: each
+/// between 1 and its maximum.
+fn camera_mode_problems(
+    [width, height, fps]: [u32; 3],
+    max_side: u32,
+    max_fps: u32,
+) -> Vec<String> {
+    [
+        range_problem("source.width", width, 1, max_side, "px"),
+        range_problem("source.height", height, 1, max_side, "px"),
+        range_problem("source.fps", fps, 1, max_fps, "frames per second"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 // ------------------------------------------------------------------ pacing
 
 /// Paces frames to a rate on an absolute schedule: each frame is due one period after the

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::range_problem;
+use super::camera_mode_problems;
 
 /// Largest frame side asked of the camera, px: D400 colour modes end at 1920x1080.
 const MAX_SIDE_PX: u32 = 4096;
@@ -68,26 +68,10 @@ impl RealsenseConfig {
                  digits), or leave it out for the first camera"
             ));
         }
-        out.extend(range_problem(
-            "source.width",
-            self.width,
-            1,
+        out.extend(camera_mode_problems(
+            [self.width, self.height, self.fps],
             MAX_SIDE_PX,
-            "px",
-        ));
-        out.extend(range_problem(
-            "source.height",
-            self.height,
-            1,
-            MAX_SIDE_PX,
-            "px",
-        ));
-        out.extend(range_problem(
-            "source.fps",
-            self.fps,
-            1,
             MAX_CAMERA_FPS,
-            "frames per second",
         ));
         out
     }

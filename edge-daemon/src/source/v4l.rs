@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::range_problem;
+use super::camera_mode_problems;
 
 /// The pixel formats this source decodes, by their V4L2 four-character code.
 pub const FOURCCS: [&str; 2] = ["MJPG", "YUYV"];
@@ -72,26 +72,10 @@ impl V4lConfig {
         if self.device.as_os_str().is_empty() {
             out.push("source.device is empty; give the camera's device, e.g. /dev/video0".into());
         }
-        out.extend(range_problem(
-            "source.width",
-            self.width,
-            1,
+        out.extend(camera_mode_problems(
+            [self.width, self.height, self.fps],
             MAX_SIDE_PX,
-            "px",
-        ));
-        out.extend(range_problem(
-            "source.height",
-            self.height,
-            1,
-            MAX_SIDE_PX,
-            "px",
-        ));
-        out.extend(range_problem(
-            "source.fps",
-            self.fps,
-            1,
             MAX_CAMERA_FPS,
-            "frames per second",
         ));
         if self.fourcc.is_empty() {
             out.push(format!(
