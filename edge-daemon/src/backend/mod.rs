@@ -192,6 +192,22 @@ pub(crate) fn check_input(
     }
 }
 
+/// The logits `[batch, classes]` from a backend's first output, or why there are none: the
+/// one reading of a classifier's output that every backend shares.
+pub(crate) fn logits(
+    backend: &'static str,
+    first: Option<ndarray::ArrayViewD<'_, f32>>,
+) -> Result<Array2<f32>, BackendError> {
+    let view = first.ok_or_else(|| BackendError::Inference {
+        backend,
+        detail: "the model produced no output".into(),
+    })?;
+    let shape = view.shape().to_vec();
+    view.into_dimensionality::<ndarray::Ix2>()
+        .map(|v| v.to_owned())
+        .map_err(|_| BackendError::OutputShape { shape })
+}
+
 /// The backends this build has, by config name.
 pub fn available() -> &'static [&'static str] {
     #[cfg(feature = "ort")]

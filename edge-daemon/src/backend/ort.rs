@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 
-use ndarray::{Array2, ArrayView4, Ix2};
+use ndarray::{Array2, ArrayView4};
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -217,18 +217,13 @@ impl Backend for OrtBackend {
         let tensor = TensorRef::from_array_view(&contiguous).map_err(failed)?;
         let mut session = self.session();
         let outputs = session.run(ort::inputs![tensor]).map_err(failed)?;
-        let (_, first) = outputs
-            .iter()
-            .next()
-            .ok_or_else(|| BackendError::Inference {
-                backend: "ort",
-                detail: "the model produced no output".into(),
-            })?;
-        let view = first.try_extract_array::<f32>().map_err(failed)?;
-        let shape = view.shape().to_vec();
-        view.into_dimensionality::<Ix2>()
-            .map(|v| v.to_owned())
-            .map_err(|_| BackendError::OutputShape { shape })
+        let first = outputs.iter().next().map(|(_, v)| v);
+        let first = first
+            .as_ref()
+            .map(|v| v.try_extract_array::<f32>())
+            .transpose()
+            .map_err(failed)?;
+        super::logits("ort", first)
     }
 }
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ndarray::{Array2, ArrayView4, Ix2};
+use ndarray::{Array2, ArrayView4};
 use tract_onnx::pb;
 use tract_onnx::prelude::{
     DatumType, InferenceFact, InferenceModelExt, IntoRunnable, Tensor, TypedRunnableModel, tvec,
@@ -139,15 +139,12 @@ impl Backend for TractBackend {
         // tract owns its input tensors: one copy of the 0.6 MB (1x3x224x224 f32) input.
         let tensor = Tensor::from(input.as_standard_layout().into_owned());
         let outputs = self.plan.run(tvec!(tensor.into())).map_err(failed)?;
-        let first = outputs.first().ok_or_else(|| BackendError::Inference {
-            backend: "tract",
-            detail: "the model produced no output".into(),
-        })?;
-        let view = first.to_plain_array_view::<f32>().map_err(failed)?;
-        let shape = view.shape().to_vec();
-        view.into_dimensionality::<Ix2>()
-            .map(|v| v.to_owned())
-            .map_err(|_| BackendError::OutputShape { shape })
+        let first = outputs
+            .first()
+            .map(|t| t.to_plain_array_view::<f32>())
+            .transpose()
+            .map_err(failed)?;
+        super::logits("tract", first)
     }
 }
 

@@ -62,17 +62,13 @@ impl Default for CaptureConfig {
 impl CaptureConfig {
     /// Every invalid value, naming its key (`store.captures.max_frames`, ...); empty when valid.
     pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.max_frames == 0 {
-            out.push("store.captures.max_frames must be at least 1, got 0".to_string());
-        }
-        if self.max_bytes < MIN_CAPTURE_BYTES {
-            out.push(format!(
-                "store.captures.max_bytes must be at least {MIN_CAPTURE_BYTES} (1 MiB), got {}",
-                self.max_bytes
-            ));
-        }
-        out
+        super::limit_problems(
+            "captures",
+            "max_frames",
+            self.max_frames,
+            self.max_bytes,
+            (MIN_CAPTURE_BYTES, "1 MiB"),
+        )
     }
 
     fn limits(&self) -> Limits {

@@ -45,17 +45,13 @@ impl Default for HistoryConfig {
 impl HistoryConfig {
     /// Every invalid value, naming its key (`store.history.max_results`, ...); empty when valid.
     pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.max_results == 0 {
-            out.push("store.history.max_results must be at least 1, got 0".to_string());
-        }
-        if self.max_bytes < MIN_HISTORY_BYTES {
-            out.push(format!(
-                "store.history.max_bytes must be at least {MIN_HISTORY_BYTES} (64 KiB), got {}",
-                self.max_bytes
-            ));
-        }
-        out
+        super::limit_problems(
+            "history",
+            "max_results",
+            self.max_results,
+            self.max_bytes,
+            (MIN_HISTORY_BYTES, "64 KiB"),
+        )
     }
 
     fn limits(&self) -> Limits {

@@ -450,6 +450,29 @@ struct Totals {
     bytes: u64,
 }
 
+/// The problems with a tree's retention limits: `[store.TREE] COUNT_KEY` at least 1 and
+/// `max_bytes` at least `min_bytes` (`min_label` says it for people, e.g. "1 MiB").
+fn limit_problems(
+    tree: &str,
+    count_key: &str,
+    count: usize,
+    max_bytes: u64,
+    (min_bytes, min_label): (u64, &str),
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if count == 0 {
+        out.push(format!(
+            "store.{tree}.{count_key} must be at least 1, got 0"
+        ));
+    }
+    if max_bytes < min_bytes {
+        out.push(format!(
+            "store.{tree}.max_bytes must be at least {min_bytes} ({min_label}), got {max_bytes}"
+        ));
+    }
+    out
+}
+
 /// The limits one tree is kept within.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Limits {
