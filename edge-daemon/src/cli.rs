@@ -105,7 +105,10 @@ pub fn main() -> ExitCode {
 /// Logs to stderr (stdout carries results); `RUST_LOG` filters, `info` by default.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // rumqttd (the embedded broker) logs every connection, and every ordinary disconnect as
+        // an ERROR; its failures that matter reach the daemon's own log. `RUST_LOG=rumqttd=info`
+        // shows them.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)

@@ -14,9 +14,10 @@ use thiserror::Error;
 use weld_core::manifest::{InputSpec, class_list_problems};
 use weld_core::rules::{Detector, RulesConfig};
 
+use crate::mqtt::{MqttSection, MqttSettings};
 use crate::policy::{Policy, PolicyKind, Thresholds};
 use crate::source::SourceConfig;
-use crate::store::{CaptureConfig, HistoryConfig, StoreConfig};
+use crate::store::{CaptureConfig, HistoryConfig, OutboxConfig, StoreConfig};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -52,6 +53,8 @@ pub struct ConfigFile {
     pub store: StoreSection,
     /// Results written as JSON lines.
     pub output: OutputSection,
+    /// Results, status, stats and commands over MQTT.
+    pub mqtt: MqttSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +169,8 @@ pub struct StoreSection {
     pub history: HistoryConfig,
     /// Uncertain frames kept for retraining.
     pub captures: CaptureConfig,
+    /// Results waiting for the MQTT broker's acknowledgement.
+    pub outbox: OutboxConfig,
 }
 
 impl Default for StoreSection {
@@ -174,6 +179,7 @@ impl Default for StoreSection {
             dir: PathBuf::from("weld-edge-data"),
             history: HistoryConfig::default(),
             captures: CaptureConfig::default(),
+            outbox: OutboxConfig::default(),
         }
     }
 }
@@ -207,6 +213,8 @@ pub struct Config {
     pub store_dir: PathBuf,
     pub store: StoreConfig,
     pub stdout_jsonl: bool,
+    /// `None`: MQTT is off.
+    pub mqtt: Option<MqttSettings>,
 }
 
 /// Limits of the pipeline section: more queued frames only add latency; more workers than
@@ -302,8 +310,16 @@ impl ConfigFile {
         let store = StoreConfig {
             history: self.store.history,
             captures: self.store.captures,
+            outbox: self.store.outbox,
         };
         problems.extend(store.problems());
+        let mqtt = match self.mqtt.resolve(&self.device.id, &self.device.line) {
+            Ok(m) => m,
+            Err(p) => {
+                problems.extend(p);
+                None
+            }
+        };
 
         match (problems.is_empty(), detector) {
             (true, Some(detector)) => Ok(Config {
@@ -323,6 +339,7 @@ impl ConfigFile {
                 store_dir: self.store.dir,
                 store,
                 stdout_jsonl: self.output.stdout_jsonl,
+                mqtt,
             }),
             _ => Err(ConfigError::Invalid(problems)),
         }

@@ -10,10 +10,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use tokio::sync::Notify;
 use weld_core::manifest::InputSpec;
 
 use crate::config::{Config, ModelSection};
 use crate::model::{Model, ModelError, ModelOptions};
+use crate::mqtt::broker::BrokerError;
+use crate::mqtt::{self, BrokerAddr, MqttSettings, MqttSink};
 use crate::pipeline::{self, Identity, PipelineSettings, Shared, Sink};
 use crate::sinks::{JsonlSink, StoreSink};
 use crate::store::{Store, StoreError};
@@ -64,6 +67,7 @@ pub fn load_model(
 /// The shared state and the pipeline settings for `cfg`, with the model loaded (or the reason
 /// it is missing logged).
 pub fn prepare(cfg: &Config) -> (Arc<Shared>, PipelineSettings) {
+    let mut model_error = None;
     let model = match load_model(cfg.model.as_ref(), cfg.workers) {
         Ok(Some(m)) => {
             tracing::info!(
@@ -85,10 +89,12 @@ pub fn prepare(cfg: &Config) -> (Arc<Shared>, PipelineSettings) {
         }
         Err(e) => {
             tracing::error!(error = %e, "the model failed to load; running on the rules alone");
+            model_error = Some(Arc::new(format!("the model failed to load: {e}")));
             None
         }
     };
     let shared = Shared::new(cfg.policy, model);
+    shared.model_error.store(model_error);
     let settings = PipelineSettings {
         identity: Identity {
             device: cfg.device.clone(),
@@ -111,11 +117,26 @@ pub async fn run(
     let store = Store::open(&cfg.store_dir, &cfg.store)?;
     tracing::info!(dir = %cfg.store_dir.display(), results = store.history().len(), "store open");
     let (shared, settings) = prepare(&cfg);
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(StoreSink::new(store, shared.clone()))];
+    // The MQTT sink goes first: a result is in the outbox before anything else sees it (the
+    // outbox's crash rules rely on this order).
+    let wake = Arc::new(Notify::new());
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if cfg.mqtt.is_some() {
+        sinks.push(Box::new(MqttSink::new(
+            store.outbox().clone(),
+            wake.clone(),
+        )));
+    }
+    let outbox = store.outbox().clone();
+    sinks.push(Box::new(StoreSink::new(store, shared.clone())));
     if cfg.stdout_jsonl {
         sinks.push(Box::new(JsonlSink::new(io::stdout())));
     }
     let source = pipeline::open_source(&cfg.source, &shared)?;
+    let mqtt = cfg.mqtt.clone().map(|m| {
+        let m = with_embedded_broker(m);
+        mqtt::spawn(m, outbox, shared.clone(), settings.identity.clone(), wake)
+    });
     let started = Instant::now();
     let running =
         pipeline::start(settings, shared.clone(), source, sinks).map_err(DaemonError::Threads)?;
@@ -159,6 +180,9 @@ pub async fn run(
             }
         }
     }
+    if let Some(m) = mqtt {
+        m.stop().await;
+    }
     let s = &shared.stats;
     let report = RunReport {
         elapsed: started.elapsed(),
@@ -172,6 +196,30 @@ pub async fn run(
         crate::source::CameraState::Failed(why) => Err(DaemonError::CaptureStopped(why)),
         _ => Ok(report),
     }
+}
+
+/// Starts the embedded broker when the settings ask for it, and points the client at the
+/// address it got. A port already taken is most often a broker installed on the board: the
+/// client then publishes to that one.
+fn with_embedded_broker(mut m: MqttSettings) -> MqttSettings {
+    if let BrokerAddr::Embedded(addr) = m.broker {
+        match mqtt::broker::start(addr) {
+            Ok(bound) => {
+                tracing::info!(addr = %bound, "embedded MQTT broker listening");
+                m.broker = BrokerAddr::Embedded(bound);
+            }
+            Err(BrokerError::InUse { addr }) => tracing::warn!(
+                %addr,
+                "cannot start the embedded MQTT broker: the port is taken; publishing to the \
+                 broker already listening there"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                "the embedded MQTT broker did not start; results wait in the outbox"
+            ),
+        }
+    }
+    m
 }
 
 /// How often `run` logs a stats line.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod inspect;
 pub mod model;
+pub mod mqtt;
 pub mod pipeline;
 pub mod policy;
 pub mod sinks;

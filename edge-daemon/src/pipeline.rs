@@ -213,6 +213,8 @@ pub struct Shared {
     pub policy: ArcSwap<Policy>,
     /// The active model, if any; swapped whole on deployment.
     pub model: ArcSwapOption<Model>,
+    /// Why the configured model is not running (it failed to load), for the device status.
+    pub model_error: ArcSwapOption<String>,
     /// Set to start a new part for smoothing (a command or a PLC signal).
     pub reset_part: AtomicBool,
     /// Frames to keep in the capture store whatever their result (the `capture` command).
@@ -228,6 +230,7 @@ impl Shared {
             stats: Stats::default(),
             policy: ArcSwap::from_pointee(policy),
             model: ArcSwapOption::new(model),
+            model_error: ArcSwapOption::empty(),
             reset_part: AtomicBool::new(false),
             capture_next: AtomicU64::new(0),
             shutdown: Arc::new(AtomicBool::new(false)),

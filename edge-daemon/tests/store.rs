@@ -82,6 +82,7 @@ fn config(max_results: usize, max_bytes: u64) -> StoreConfig {
             max_bytes,
         },
         captures: CaptureConfig::default(),
+        ..StoreConfig::default()
     }
 }
 
@@ -496,6 +497,7 @@ fn capture_config(max_frames: usize, max_bytes: u64) -> StoreConfig {
             max_frames,
             max_bytes,
         },
+        ..StoreConfig::default()
     }
 }
 

@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod frame;
 pub mod fsutil;
 pub mod manifest;
+pub mod messages;
 pub mod metrics;
 pub mod plane;
 pub mod preprocess;

@@ -1,11 +1,10 @@
-//! The daemon's sled store: the results history and the captured uncertain frames, in one sled
-//! database that [`Store::open`] owns. The MQTT outbox will be one more tree of the same database
-//! (reserved name [`OUTBOX_TREE`]); each part gets its own typed handle ([`Store::history`],
-//! [`Store::captures`]).
+//! The daemon's sled store: the results history, the captured uncertain frames and the MQTT
+//! outbox, in one sled database that [`Store::open`] owns; each part gets its own typed handle
+//! ([`Store::history`], [`Store::captures`], [`Store::outbox`]).
 //!
 //! # Trees and record layouts
 //!
-//! Every record is keyed by its inspection id, a UUIDv7, as its 16 bytes in big-endian order
+//! Every history and capture record is keyed by its inspection id, a UUIDv7, as its 16 bytes in big-endian order
 //! (`Uuid::as_bytes`). UUIDv7 starts with the 48-bit Unix time in milliseconds, big-endian, so
 //! sled's byte order of keys is time order, and a time range is a key range:
 //!
@@ -17,6 +16,7 @@
 //! | --- | --- |
 //! | `history` | the result JSON of DESIGN.md (`serde_json` of [`weld_core::Inspection`]), as is |
 //! | `captures` | JSON metadata: the result, the frame's time, sequence, size, depth unit and intrinsics, and the PNG sizes (layout in `store/captures.rs`) |
+//! | `outbox` | key: a `u64` push sequence number, big-endian; value: the MQTT payload (rules in `store/outbox.rs`) |
 //! | default tree | `weld-edge.layout` = [`LAYOUT_VERSION`] as ASCII, checked on open |
 //!
 //! The captured images are files beside the database, not sled values:
@@ -29,7 +29,7 @@
 //!
 //! # Retention
 //!
-//! History and captures are each capped by a record count and a byte total (the sum of the
+//! History, captures and the outbox are each capped by a record count and a byte total (the sum of the
 //! stored values' lengths; keys and sled's own overhead are not counted, and sled's files on disk
 //! are larger, as its log keeps old versions until it reclaims a segment). After every insert the
 //! oldest records (smallest keys) are removed until both limits hold; a record older than all
@@ -49,8 +49,8 @@
 //! - Nothing here flushes per write. sled writes its log to disk in the background every
 //!   [`FLUSH_EVERY_MS`] ms, so a crash or power cut loses at most the history and captures of the
 //!   last ~0.5 s. That is acceptable for history (the MQTT outbox is the record of delivery) and
-//!   for captures, but NOT for the outbox, which must call [`Store::flush`] (or
-//!   `Tree::flush`) before it reports a result as stored.
+//!   for captures, but NOT for the outbox, whose entries are sent only once [`Outbox::flush`]
+//!   has put them on disk.
 //! - sled recovers each write whole or not at all. A capture's image files are written first
 //!   (each to a temporary name, then renamed) and its record after; retention removes the
 //!   record first and the files after. A crash in between leaves files without a record, which
@@ -64,6 +64,7 @@
 
 mod captures;
 mod history;
+mod outbox;
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,7 @@ use uuid::Uuid;
 
 pub use captures::{Capture, CaptureConfig, CaptureMeta, Captures};
 pub use history::{History, HistoryConfig};
+pub use outbox::{Outbox, OutboxConfig, OutboxDepth};
 
 /// Version of the record layouts above; bumped when an old daemon could not read new records.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -95,7 +97,7 @@ pub const HISTORY_TREE: &str = "history";
 pub const CAPTURES_TREE: &str = "captures";
 /// Folder of the captured images inside the data directory.
 pub const CAPTURES_DIR: &str = "captures";
-/// Tree name reserved for the MQTT outbox.
+/// Tree name of the MQTT outbox.
 pub const OUTBOX_TREE: &str = "outbox";
 
 /// sled's page cache in bytes. sled's default is 1 GiB, too much for an edge board with a few GB
@@ -114,6 +116,8 @@ pub struct StoreConfig {
     pub history: HistoryConfig,
     /// Captured (uncertain) frames retention.
     pub captures: CaptureConfig,
+    /// Bounds of the MQTT outbox.
+    pub outbox: OutboxConfig,
 }
 
 impl StoreConfig {
@@ -122,6 +126,7 @@ impl StoreConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut out = self.history.problems();
         out.extend(self.captures.problems());
+        out.extend(self.outbox.problems());
         out
     }
 }
@@ -193,6 +198,14 @@ pub enum StoreError {
         /// The limit in bytes.
         max_bytes: u64,
     },
+    /// One payload alone is bigger than the outbox may hold.
+    #[error("an MQTT message of {bytes} bytes is more than store.outbox.max_bytes = {max_bytes}")]
+    TooLargeForOutbox {
+        /// The payload's size.
+        bytes: u64,
+        /// The limit in bytes.
+        max_bytes: u64,
+    },
     /// The result would not read back (JSON writes a NaN or infinite number as `null`), so it is
     /// refused rather than stored unreadable.
     #[error("result {id} cannot be stored: it would not read back: {reason}")]
@@ -238,6 +251,7 @@ pub struct Store {
     dir: PathBuf,
     history: History,
     captures: Captures,
+    outbox: Outbox,
 }
 
 impl Store {
@@ -267,11 +281,13 @@ impl Store {
             &dir.join(CAPTURES_DIR),
             &config.captures,
         )?;
+        let outbox = Outbox::open(db.open_tree(OUTBOX_TREE).map_err(open_err)?, &config.outbox)?;
         Ok(Store {
             db,
             dir: dir.to_path_buf(),
             history,
             captures,
+            outbox,
         })
     }
 
@@ -283,6 +299,11 @@ impl Store {
     /// The captured frames.
     pub fn captures(&self) -> &Captures {
         &self.captures
+    }
+
+    /// The MQTT outbox.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// The data directory this store was opened in.

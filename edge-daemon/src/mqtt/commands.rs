@@ -1,0 +1,398 @@
+//! Commands on `…/cmd/<name>`: parsed, authorised and applied here, apart from the MQTT client,
+//! so every rule is unit-tested. A command is a JSON object with the shared token
+//! (`[mqtt.commands]`), an optional `request_id` echoed in the reply, and its own fields:
+//!
+//! | command | fields | effect |
+//! | --- | --- | --- |
+//! | `capture` | `frames`: 1..=10000 | keep the next N frames in the capture store, whatever their result |
+//! | `thresholds` | `rules_confident_at`, `model_confident_at`: (0, 1], at least one | swap the hybrid thresholds (until restart; the config file keeps them for good) |
+//! | `deploy` | `url`, `sha256` | install a model bundle (not in this build: refused, the model stays) |
+//!
+//! Every failure is an error reply and changes nothing: a retained command (it would run again
+//! on every reconnect), a payload that is not a JSON object, a missing or wrong token (or no
+//! token configured: commands are then off), an unknown command, unknown or invalid fields.
+//! Empty payloads are ignored: they are how a retained message is deleted.
+
+use std::sync::atomic::Ordering;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use subtle::ConstantTimeEq;
+use weld_core::messages::{CommandReply, MESSAGE_VERSION};
+
+use super::config::Secret;
+use crate::pipeline::Shared;
+use crate::policy::{Policy, Thresholds};
+
+/// Most frames one `capture` command may ask for (at 60 fps, almost 3 minutes).
+pub const MAX_CAPTURE_FRAMES: u64 = 10_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Capture {
+    frames: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetThresholds {
+    rules_confident_at: Option<f32>,
+    model_confident_at: Option<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Deploy {
+    url: String,
+    sha256: String,
+}
+
+/// A failed command: the reply's `error` code and `detail`.
+struct Refusal(&'static str, String);
+
+/// Handles one message on a command topic; `None` when there is nothing to answer (an empty
+/// payload). `token` is the configured command token.
+pub fn handle(
+    name: &str,
+    payload: &[u8],
+    retained: bool,
+    token: Option<&Secret>,
+    shared: &Shared,
+) -> Option<CommandReply> {
+    if payload.is_empty() {
+        return None;
+    }
+    let mut request_id = None;
+    let outcome = run(name, payload, retained, token, shared, &mut request_id);
+    let (ok, result, error, detail) = match outcome {
+        Ok(result) => (true, Some(result), None, None),
+        Err(Refusal(code, detail)) => {
+            tracing::warn!(command = name, error = code, %detail, "command refused");
+            (false, None, Some(code.to_string()), Some(detail))
+        }
+    };
+    Some(CommandReply {
+        v: MESSAGE_VERSION,
+        command: name.to_string(),
+        request_id,
+        ok,
+        result,
+        error,
+        detail,
+    })
+}
+
+fn run(
+    name: &str,
+    payload: &[u8],
+    retained: bool,
+    token: Option<&Secret>,
+    shared: &Shared,
+    request_id: &mut Option<String>,
+) -> Result<Value, Refusal> {
+    if retained {
+        return Err(Refusal(
+            "retained",
+            "commands must not be retained (a retained command would run again on every \
+             reconnect); publish it without the retain flag"
+                .into(),
+        ));
+    }
+    let mut fields: Map<String, Value> = match serde_json::from_slice(payload) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(Refusal(
+                "malformed",
+                "the payload must be a JSON object".into(),
+            ));
+        }
+        Err(e) => {
+            return Err(Refusal(
+                "malformed",
+                format!("the payload is not JSON: {e}"),
+            ));
+        }
+    };
+    *request_id = match fields.remove("request_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => {
+            return Err(Refusal(
+                "malformed",
+                "request_id must be a string or a number".into(),
+            ));
+        }
+    };
+    authorize(fields.remove("token"), token)?;
+    match name {
+        "capture" => {
+            let c: Capture = params(fields)?;
+            if !(1..=MAX_CAPTURE_FRAMES).contains(&c.frames) {
+                return Err(Refusal(
+                    "invalid",
+                    format!("frames = {}: must be 1..={MAX_CAPTURE_FRAMES}", c.frames),
+                ));
+            }
+            let before = shared.capture_next.fetch_add(c.frames, Ordering::Relaxed);
+            tracing::info!(
+                frames = c.frames,
+                "capture command: keeping the next frames"
+            );
+            Ok(json!({ "frames_pending": before + c.frames }))
+        }
+        "thresholds" => {
+            let t: SetThresholds = params(fields)?;
+            if t.rules_confident_at.is_none() && t.model_confident_at.is_none() {
+                return Err(Refusal(
+                    "invalid",
+                    "give rules_confident_at and/or model_confident_at".into(),
+                ));
+            }
+            let current = shared.policy.load();
+            let thresholds = Thresholds {
+                rules_confident_at: t
+                    .rules_confident_at
+                    .unwrap_or(current.thresholds.rules_confident_at),
+                model_confident_at: t
+                    .model_confident_at
+                    .unwrap_or(current.thresholds.model_confident_at),
+            };
+            let problems = thresholds.problems("thresholds");
+            if !problems.is_empty() {
+                return Err(Refusal("invalid", problems.join("; ")));
+            }
+            shared.policy.store(std::sync::Arc::new(Policy {
+                kind: current.kind,
+                thresholds,
+            }));
+            tracing::info!(?thresholds, "thresholds command: policy thresholds changed");
+            Ok(json!({
+                "rules_confident_at": thresholds.rules_confident_at,
+                "model_confident_at": thresholds.model_confident_at,
+                "persisted": false,
+            }))
+        }
+        "deploy" => {
+            let d: Deploy = params(fields)?;
+            if !(d.url.starts_with("https://") || d.url.starts_with("http://")) {
+                return Err(Refusal(
+                    "invalid",
+                    format!("url {:?}: must be http(s)", d.url),
+                ));
+            }
+            if d.sha256.len() != 64 || !d.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Refusal(
+                    "invalid",
+                    "sha256 must be 64 hexadecimal characters".into(),
+                ));
+            }
+            Err(Refusal(
+                "unsupported",
+                "this weld-edge build cannot install model bundles yet; the current model stays"
+                    .into(),
+            ))
+        }
+        other => Err(Refusal(
+            "unknown_command",
+            format!("no command {other:?}; commands are capture, thresholds, deploy"),
+        )),
+    }
+}
+
+/// Checks the command's token against the configured one in constant time.
+fn authorize(given: Option<Value>, expected: Option<&Secret>) -> Result<(), Refusal> {
+    let Some(expected) = expected else {
+        return Err(Refusal(
+            "unauthorized",
+            "commands are off on this device: no [mqtt.commands] token is configured".into(),
+        ));
+    };
+    match given {
+        Some(Value::String(t)) if bool::from(t.as_bytes().ct_eq(expected.expose().as_bytes())) => {
+            Ok(())
+        }
+        Some(_) => Err(Refusal("unauthorized", "wrong token".into())),
+        None => Err(Refusal(
+            "unauthorized",
+            "the command has no \"token\"".into(),
+        )),
+    }
+}
+
+fn params<T: DeserializeOwned>(fields: Map<String, Value>) -> Result<T, Refusal> {
+    serde_json::from_value(Value::Object(fields)).map_err(|e| Refusal("malformed", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicyKind;
+    use std::sync::Arc;
+
+    const TOKEN: &str = "0123456789abcdef-token";
+
+    fn shared() -> Arc<Shared> {
+        Shared::new(
+            Policy {
+                kind: PolicyKind::Hybrid,
+                thresholds: Thresholds {
+                    rules_confident_at: 0.9,
+                    model_confident_at: 0.8,
+                },
+            },
+            None,
+        )
+    }
+
+    fn send(sh: &Shared, name: &str, payload: &str) -> CommandReply {
+        handle(
+            name,
+            payload.as_bytes(),
+            false,
+            Some(&Secret::new(TOKEN)),
+            sh,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn capture_adds_frames_and_echoes_the_request_id() {
+        let sh = shared();
+        let r = send(
+            &sh,
+            "capture",
+            &format!(r#"{{"token":"{TOKEN}","frames":5,"request_id":7}}"#),
+        );
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.request_id.as_deref(), Some("7"));
+        assert_eq!(r.result.unwrap()["frames_pending"], 5);
+        send(
+            &sh,
+            "capture",
+            &format!(r#"{{"token":"{TOKEN}","frames":3}}"#),
+        );
+        assert_eq!(sh.capture_next.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn thresholds_change_only_when_valid() {
+        let sh = shared();
+        let r = send(
+            &sh,
+            "thresholds",
+            &format!(r#"{{"token":"{TOKEN}","rules_confident_at":0.95}}"#),
+        );
+        assert!(r.ok, "{r:?}");
+        let p = sh.policy.load();
+        assert_eq!(p.thresholds.rules_confident_at, 0.95);
+        assert_eq!(p.thresholds.model_confident_at, 0.8);
+
+        for bad in [
+            r#""model_confident_at":1.5"#,
+            r#""rules_confident_at":0"#,
+            r#""rules_confident_at":"high""#,
+            r#""rules_confident":0.5"#,
+            r#""request_id":"x""#,
+        ] {
+            let r = send(
+                &sh,
+                "thresholds",
+                &format!(r#"{{"token":"{TOKEN}",{bad}}}"#),
+            );
+            assert!(!r.ok, "{bad} was accepted");
+            assert!(
+                matches!(r.error.as_deref(), Some("invalid" | "malformed")),
+                "{bad}: {r:?}"
+            );
+        }
+        assert_eq!(sh.policy.load().thresholds.rules_confident_at, 0.95);
+    }
+
+    #[test]
+    fn unauthorized_malformed_retained_and_unknown_change_nothing() {
+        let sh = shared();
+        let ok_capture = format!(r#"{{"token":"{TOKEN}","frames":5}}"#);
+        let cases: [(&str, String, bool, Option<Secret>, &str); 7] = [
+            (
+                "capture",
+                r#"{"token":"wrong","frames":5}"#.into(),
+                false,
+                Some(Secret::new(TOKEN)),
+                "unauthorized",
+            ),
+            (
+                "capture",
+                r#"{"frames":5}"#.into(),
+                false,
+                Some(Secret::new(TOKEN)),
+                "unauthorized",
+            ),
+            ("capture", ok_capture.clone(), false, None, "unauthorized"),
+            (
+                "capture",
+                ok_capture.clone(),
+                true,
+                Some(Secret::new(TOKEN)),
+                "retained",
+            ),
+            (
+                "capture",
+                "{not json".into(),
+                false,
+                Some(Secret::new(TOKEN)),
+                "malformed",
+            ),
+            (
+                "capture",
+                "[1,2]".into(),
+                false,
+                Some(Secret::new(TOKEN)),
+                "malformed",
+            ),
+            (
+                "reboot",
+                ok_capture.clone(),
+                false,
+                Some(Secret::new(TOKEN)),
+                "unknown_command",
+            ),
+        ];
+        for (name, payload, retained, token, code) in cases {
+            let r = handle(name, payload.as_bytes(), retained, token.as_ref(), &sh).unwrap();
+            assert!(!r.ok);
+            assert_eq!(r.error.as_deref(), Some(code), "{name} {payload}: {r:?}");
+            assert!(r.detail.is_some());
+        }
+        let r = send(
+            &sh,
+            "capture",
+            &format!(r#"{{"token":"{TOKEN}","frames":0}}"#),
+        );
+        assert_eq!(r.error.as_deref(), Some("invalid"));
+        assert_eq!(sh.capture_next.load(Ordering::Relaxed), 0);
+        assert_eq!(*sh.policy.load().as_ref(), *shared().policy.load().as_ref());
+    }
+
+    #[test]
+    fn deploy_is_validated_then_refused_and_empty_payloads_are_ignored() {
+        let sh = shared();
+        let r = send(
+            &sh,
+            "deploy",
+            &format!(r#"{{"token":"{TOKEN}","url":"ftp://x","sha256":"00"}}"#),
+        );
+        assert_eq!(r.error.as_deref(), Some("invalid"));
+        let r = send(
+            &sh,
+            "deploy",
+            &format!(
+                r#"{{"token":"{TOKEN}","url":"https://models.local/m.tar","sha256":"{}"}}"#,
+                "a".repeat(64)
+            ),
+        );
+        assert_eq!(r.error.as_deref(), Some("unsupported"), "{r:?}");
+        assert!(handle("capture", b"", false, Some(&Secret::new(TOKEN)), &sh).is_none());
+    }
+}
