@@ -1,6 +1,8 @@
 //! Fixtures shared by the integration tests.
 #![allow(clippy::unwrap_used, dead_code)] // test fixtures; not every test file uses every one
 
+pub mod mosquitto;
+
 use std::path::{Path, PathBuf};
 
 use weld_core::dataset::{Dataset, DatasetSpec};
