@@ -14,6 +14,7 @@ use crate::bench;
 use crate::config::{Config, ModelSection};
 use crate::daemon;
 use crate::inspect::{self, Format, Judge};
+use crate::mqtt::BrokerAddr;
 use crate::pipeline::Identity;
 use crate::policy::{Policy, PolicyKind, Thresholds};
 
@@ -47,6 +48,22 @@ pub enum Command {
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
         /// Store directory for the run (default: a fresh temporary directory, removed after).
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
+    /// Measure MQTT delivery: push results through a fresh outbox to a broker at QoS 1 and
+    /// count them at a subscriber; prints the outbox's cost per result and results per second.
+    BenchMqtt {
+        /// The broker, HOST:PORT; default: the embedded broker on a free loopback port.
+        #[arg(long)]
+        broker: Option<String>,
+        /// How many results.
+        #[arg(long, default_value_t = 20_000)]
+        results: u64,
+        /// Results sent and not yet acknowledged at most (`mqtt.inflight`).
+        #[arg(long, default_value_t = 128)]
+        inflight: u16,
+        /// Store directory (default: a fresh temporary directory, removed after).
         #[arg(long)]
         store: Option<PathBuf>,
     },
@@ -153,6 +170,48 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 anyhow::bail!("--seconds must be a positive number of seconds, got {seconds}");
             }
             let report = bench::run(&cfg, Duration::from_secs_f64(seconds))?;
+            print!("{}", report.text());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchMqtt {
+            broker,
+            results,
+            inflight,
+            store,
+        } => {
+            init_logging();
+            if results == 0 || inflight == 0 {
+                anyhow::bail!("--results and --inflight must be at least 1");
+            }
+            let broker = match broker {
+                Some(b) => {
+                    let (host, port) = b
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                        .with_context(|| format!("--broker {b:?}: expected HOST:PORT"))?;
+                    BrokerAddr::External { host, port }
+                }
+                None => BrokerAddr::Embedded(
+                    crate::mqtt::broker::start(([127, 0, 0, 1], 0).into())
+                        .context("starting the embedded broker")?,
+                ),
+            };
+            let tmp = tempfile::tempdir().context("creating a temporary store")?;
+            let dir = store.unwrap_or_else(|| tmp.path().to_path_buf());
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let report = rt
+                .block_on(crate::mqtt::bench::run(
+                    broker,
+                    &dir,
+                    results,
+                    inflight,
+                    Duration::from_secs(300),
+                ))
+                .map_err(anyhow::Error::msg)?;
             print!("{}", report.text());
             Ok(ExitCode::SUCCESS)
         }

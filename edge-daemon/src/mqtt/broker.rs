@@ -2,6 +2,13 @@
 //! fresh board (and the demo) has somewhere to publish and `mosquitto_sub -t 'weld/#' -v` shows
 //! results at once. MQTT 3.1.1, plain TCP, in memory (nothing survives a restart: the daemon's
 //! outbox is what makes delivery reliable, not the broker).
+//!
+//! Its limit: rumqttd keeps each topic's recent messages in a bounded log (here 2 x 1 MB, about
+//! 2600 results) and a subscriber that falls further behind than that skips the oldest. At a
+//! line's 30-60 results/s no dashboard falls that far behind, but a burst (the outbox draining
+//! thousands of results after the broker was unreachable) can outrun a slow one. Where every
+//! result must reach every dashboard, use the plant's broker (`mqtt.host`), e.g. mosquitto with
+//! persistent sessions.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};

@@ -50,9 +50,11 @@ pub struct Link {
     pub last_error: Mutex<Option<String>>,
 }
 
-/// How long a stop waits for the outbox to drain and for the `offline` status to be
-/// acknowledged; whatever is left is sent after the next start.
+/// How long a stop waits for the outbox to drain; whatever is left is sent after the next
+/// start.
 const DRAIN_ON_STOP: Duration = Duration::from_secs(2);
+/// How long a stop then waits for the `offline` status and the DISCONNECT to be written.
+const GOODBYE: Duration = Duration::from_secs(1);
 /// How often the status is re-assessed (and published when it changed).
 const STATUS_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Largest message the client sends or accepts (rumqttc's default is 10 KB, less than a result
@@ -168,13 +170,28 @@ struct Conn {
 
 impl Ctx {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let will = self.status_json(DeviceState::Offline, vec!["connection lost".into()]);
-        let options = options(&self.settings, will);
+        let options = options(&self.settings, self.will());
         let cap = usize::from(self.settings.inflight) + 64;
         let (client, eventloop) = AsyncClient::new(options, cap);
         let (events_tx, mut events) = mpsc::channel(1024);
         let wake = self.wake.clone();
-        let poller = tokio::spawn(poll_loop(eventloop, events_tx));
+        let (shared, identity) = (self.shared.clone(), self.identity.clone());
+        let will_topic = self.settings.topics.status();
+        let will = move || {
+            let s = status::status(
+                &identity,
+                &shared,
+                DeviceState::Offline,
+                vec!["connection lost".into()],
+            );
+            LastWill::new(
+                will_topic.clone(),
+                serde_json::to_vec(&s).unwrap_or_default(),
+                QoS::AtLeastOnce,
+                true,
+            )
+        };
+        let poller = tokio::spawn(poll_loop(eventloop, events_tx, will));
         let mut conn = Conn {
             connected: false,
             published: None,
@@ -221,6 +238,10 @@ impl Ctx {
                 return;
             }
         }
+        // Goodbye: the retained `offline`, then DISCONNECT (so the broker drops the last will).
+        // rumqttc writes requests in order and reports the DISCONNECT only once it is flushed
+        // to the socket, so seeing it means the status went out before it.
+        let deadline = tokio::time::Instant::now() + GOODBYE;
         let offline = self.status_json(DeviceState::Offline, vec!["stopped".into()]);
         if client
             .try_publish(
@@ -232,19 +253,29 @@ impl Ctx {
             .is_ok()
         {
             self.ledger.handed(Sent::Other);
-            // Wait for the broker to take it (its PubAck), within the same deadline.
+        }
+        if client.try_disconnect().is_ok() {
             while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, events.recv()).await {
                 match ev {
-                    Polled::Event(Event::Incoming(Packet::PubAck(_))) => break,
+                    Polled::Event(Event::Outgoing(Outgoing::Disconnect)) => break,
+                    Polled::Event(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        self.ledger.on_sent(pkid);
+                    }
+                    Polled::Event(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(seq) = self.ledger.on_ack(ack.pkid) {
+                            if self.outbox.ack(seq).is_ok() {
+                                self.link.acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
                     Polled::Lost { ack, .. } => {
                         let _ = ack.send(());
-                        return;
+                        break;
                     }
                     Polled::Event(_) => {}
                 }
             }
         }
-        let _ = client.try_disconnect();
         let left = self.outbox.depth().len;
         tracing::info!(
             left,
@@ -393,8 +424,11 @@ impl Ctx {
         ) else {
             return;
         };
-        if p.retain {
-            // Delete the retained command so it does not come back on every reconnect.
+        {
+            // Delete any retained copy so it never comes back on a reconnect. Done for every
+            // command, not only those flagged retained: an MQTT 3.1.1 broker clears the flag on
+            // messages it forwards live, so a command published retained while this device is
+            // connected arrives looking like any other (and runs, once).
             if client
                 .try_publish(p.topic.clone(), QoS::AtLeastOnce, true, Vec::new())
                 .is_ok()
@@ -418,6 +452,11 @@ impl Ctx {
             }
             Err(e) => tracing::error!(error = %e, "cannot encode a command reply"),
         }
+    }
+
+    /// The last will: `offline`, "connection lost", as of now.
+    fn will(&self) -> Vec<u8> {
+        self.status_json(DeviceState::Offline, vec!["connection lost".into()])
     }
 
     fn status_json(&self, state: DeviceState, reasons: Vec<String>) -> Vec<u8> {
@@ -498,7 +537,14 @@ enum Polled {
 /// Drives rumqttc's event loop: every event and error goes to the decision task; after an
 /// error it waits per backoff (0.5 s doubling to 30 s, reset by a successful connection) with
 /// jitter, so that many boards do not reconnect to a restarted broker in the same instant.
-async fn poll_loop(mut eventloop: EventLoop, events: mpsc::Sender<Polled>) {
+///
+/// The last will is renewed before each reconnection (`will`), so its time and camera state
+/// are those of the connection it belongs to, not of the daemon's start.
+async fn poll_loop(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<Polled>,
+    will: impl Fn() -> LastWill,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let jitter = RandomState::new();
     let mut attempt = 0u64;
@@ -531,6 +577,7 @@ async fn poll_loop(mut eventloop: EventLoop, events: mpsc::Sender<Polled>) {
                 // 50-100 % of the backoff delay.
                 let frac = 0.5 + (jitter.hash_one(attempt) % 1000) as f64 / 2000.0;
                 tokio::time::sleep(backoff.next_delay().mul_f64(frac)).await;
+                eventloop.mqtt_options.set_last_will(will());
             }
         }
     }

@@ -12,6 +12,12 @@
 //! on every reconnect), a payload that is not a JSON object, a missing or wrong token (or no
 //! token configured: commands are then off), an unknown command, unknown or invalid fields.
 //! Empty payloads are ignored: they are how a retained message is deleted.
+//!
+//! Retained commands: MQTT 3.1.1 marks a message retained only when a broker delivers it from
+//! its store (on subscribe), not when it forwards it live. So a command found retained on
+//! connect is refused, and one published with the retain flag while the device is connected
+//! runs once; either way the client deletes the retained copy after every command, so none
+//! ever runs again on a reconnect.
 
 use std::sync::atomic::Ordering;
 

@@ -11,6 +11,7 @@
 //! The outbox's crash and acknowledge rules are in `store/outbox.rs`; the packet-id bookkeeping
 //! in [`ledger`].
 
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod commands;

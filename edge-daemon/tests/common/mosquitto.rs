@@ -53,9 +53,12 @@ impl Mosquitto {
     fn launch(&mut self) {
         let conf = self.dir.join("mosquitto.conf");
         let mut f = std::fs::File::create(&conf).unwrap();
+        // `user root`: started as root (CI containers), mosquitto otherwise switches to the
+        // `mosquitto` user, which cannot write the log and persistence files in a private
+        // tempdir nor read TLS keys there. As any other user the line has no effect.
         write!(
             f,
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+            "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\npersistence true\n\
              persistence_location {dir}/\nautosave_interval 0\nmax_queued_messages 0\n\
              max_inflight_messages 0\nlog_dest file {dir}/mosquitto.log\n{extra}\n",
             port = self.port,
