@@ -262,10 +262,10 @@ impl Ctx {
                         self.ledger.on_sent(pkid);
                     }
                     Polled::Event(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(seq) = self.ledger.on_ack(ack.pkid) {
-                            if self.outbox.ack(seq).is_ok() {
-                                self.link.acked.fetch_add(1, Ordering::Relaxed);
-                            }
+                        if let Some(seq) = self.ledger.on_ack(ack.pkid)
+                            && self.outbox.ack(seq).is_ok()
+                        {
+                            self.link.acked.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Polled::Lost { ack, .. } => {
