@@ -25,6 +25,9 @@ use crate::pipeline::{Identity, Shared, inspect_frame};
 use crate::policy::{Policy, PolicyKind, Thresholds};
 use crate::store::{Store, StoreConfig};
 
+/// The subscriber gives up after this long without a message.
+const SUBSCRIBER_IDLE: Duration = Duration::from_secs(3);
+
 /// Figures of one run.
 #[derive(Debug, Clone)]
 pub struct MqttBenchReport {
@@ -34,6 +37,8 @@ pub struct MqttBenchReport {
     pub push_us: f64,
     /// Outbox flushes (each an fsync covering every result pushed before it).
     pub flushes: u64,
+    /// Mean time of one flush, µs.
+    pub flush_us: f64,
     /// From the first push to the broker's last acknowledgement.
     pub acked_s: f64,
     /// From the first push to the subscriber's last delivery.
@@ -48,11 +53,13 @@ impl MqttBenchReport {
         let rate = |secs: f64| self.results as f64 / secs;
         let _ = writeln!(
             s,
-            "{} results of {} bytes; outbox push {:.1} µs/result; {} flushes ({:.0} results each)",
+            "{} results of {} bytes; outbox push {:.1} µs/result; {} flushes of {:.0} µs each \
+             ({:.0} results per flush)",
             self.results,
             self.payload_bytes,
             self.push_us,
             self.flushes,
+            self.flush_us,
             self.results as f64 / self.flushes.max(1) as f64
         );
         let _ = writeln!(
@@ -69,6 +76,15 @@ impl MqttBenchReport {
             self.delivered_s,
             rate(self.delivered_s)
         );
+        if self.delivered < self.results {
+            let _ = writeln!(
+                s,
+                "the broker acknowledged every result but dropped {} on the way to the \
+                 subscriber: it queues only so many for a subscriber that falls behind \
+                 (mosquitto: max_queued_messages, 1000 by default)",
+                self.results - self.delivered
+            );
+        }
         s
     }
 }
@@ -139,7 +155,15 @@ pub async fn run(
         let (mut delivered, mut duplicates) = (0u64, 0u64);
         let mut last = Instant::now();
         while delivered < n {
-            match sub_loop.poll().await {
+            // A broker may drop messages for a subscriber that falls behind (mosquitto's
+            // max_queued_messages, 1000 by default; rumqttd's log segments): stop once nothing
+            // has come for a while.
+            let polled = match tokio::time::timeout(SUBSCRIBER_IDLE, sub_loop.poll()).await {
+                Ok(p) => p,
+                Err(_) if ready.is_none() => break,
+                Err(_) => continue,
+            };
+            match polled {
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
@@ -218,12 +242,13 @@ pub async fn run(
     }
     let acked_s = started.elapsed().as_secs_f64();
     let flushes = client.link.flushes.load(Ordering::Relaxed);
+    let flush_us = client.link.flush_us.load(Ordering::Relaxed) as f64 / flushes.max(1) as f64;
     let (delivered, duplicates, last) = tokio::time::timeout(
         deadline.saturating_duration_since(Instant::now()),
         subscriber,
     )
     .await
-    .map_err(|_| "the subscriber did not receive every result in time".to_string())?
+    .map_err(|_| "the subscriber did not finish in time".to_string())?
     .map_err(|e| e.to_string())??;
     client.stop().await;
     Ok(MqttBenchReport {
@@ -231,6 +256,7 @@ pub async fn run(
         payload_bytes,
         push_us: push.as_secs_f64() * 1e6 / n.max(1) as f64,
         flushes,
+        flush_us,
         acked_s,
         delivered_s: last.duration_since(started).as_secs_f64(),
         delivered,

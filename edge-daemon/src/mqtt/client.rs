@@ -46,6 +46,8 @@ pub struct Link {
     pub acked: AtomicU64,
     /// Outbox flushes (each covers every entry pushed before it).
     pub flushes: AtomicU64,
+    /// Time spent in those flushes, µs.
+    pub flush_us: AtomicU64,
     /// The last connection error.
     pub last_error: Mutex<Option<String>>,
 }
@@ -372,9 +374,12 @@ impl Ctx {
             if self.outbox.durable_seq() <= after {
                 // Written before sent: one flush covers everything pushed so far.
                 let outbox = self.outbox.clone();
+                let t = Instant::now();
                 match tokio::task::spawn_blocking(move || outbox.flush()).await {
                     Ok(Ok(())) => {
                         self.link.flushes.fetch_add(1, Ordering::Relaxed);
+                        let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        self.link.flush_us.fetch_add(us, Ordering::Relaxed);
                     }
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "cannot flush the MQTT outbox; not sending");
