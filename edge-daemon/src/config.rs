@@ -14,6 +14,7 @@ use thiserror::Error;
 use weld_core::manifest::{InputSpec, class_list_problems};
 use weld_core::rules::{Detector, RulesConfig};
 
+use crate::http::{HttpSection, HttpSettings};
 use crate::mqtt::{MqttSection, MqttSettings};
 use crate::policy::{Policy, PolicyKind, Thresholds};
 use crate::source::SourceConfig;
@@ -55,6 +56,8 @@ pub struct ConfigFile {
     pub output: OutputSection,
     /// Results, status, stats and commands over MQTT.
     pub mqtt: MqttSection,
+    /// The HTTP API, the dashboard and `/metrics`.
+    pub http: HttpSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,6 +218,11 @@ pub struct Config {
     pub stdout_jsonl: bool,
     /// `None`: MQTT is off.
     pub mqtt: Option<MqttSettings>,
+    /// `None`: HTTP is off.
+    pub http: Option<HttpSettings>,
+    /// The file as loaded (for `GET /api/v1/config`): paths and values, no secrets (they are
+    /// never in the file, only the names of the files and variables that hold them).
+    pub file: serde_json::Value,
 }
 
 /// Limits of the pipeline section: more queued frames only add latency; more workers than
@@ -240,6 +248,7 @@ impl ConfigFile {
     /// Checks every value and builds the running config; all problems are reported together.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
+        let file = serde_json::to_value(&self).unwrap_or_default();
         for (key, v) in [
             ("device.id", &self.device.id),
             ("device.line", &self.device.line),
@@ -321,6 +330,14 @@ impl ConfigFile {
             }
         };
 
+        let http = match self.http.resolve() {
+            Ok(h) => h,
+            Err(p) => {
+                problems.extend(p);
+                None
+            }
+        };
+
         match (problems.is_empty(), detector) {
             (true, Some(detector)) => Ok(Config {
                 device: self.device.id,
@@ -340,6 +357,8 @@ impl ConfigFile {
                 store,
                 stdout_jsonl: self.output.stdout_jsonl,
                 mqtt,
+                http,
+                file,
             }),
             _ => Err(ConfigError::Invalid(problems)),
         }

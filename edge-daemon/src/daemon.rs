@@ -33,6 +33,11 @@ pub enum DaemonError {
     CaptureStopped(String),
     #[error("cannot start the pipeline threads: {0}")]
     Threads(io::Error),
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 /// What a run did, for the log line at exit and for `bench`.
@@ -128,7 +133,12 @@ pub async fn run(
         )));
     }
     let outbox = store.outbox().clone();
+    let http_store = store.clone();
     sinks.push(Box::new(StoreSink::new(store, shared.clone())));
+    let live = Arc::new(crate::http::Live::default());
+    if cfg.http.is_some() {
+        sinks.push(Box::new(crate::http::LiveSink(live.clone())));
+    }
     if cfg.stdout_jsonl {
         sinks.push(Box::new(JsonlSink::new(io::stdout())));
     }
@@ -137,6 +147,30 @@ pub async fn run(
         let m = with_embedded_broker(m);
         mqtt::spawn(m, outbox, shared.clone(), settings.identity.clone(), wake)
     });
+    let http = match &cfg.http {
+        Some(h) => {
+            let state = crate::http::AppState {
+                shared: shared.clone(),
+                store: http_store,
+                identity: settings.identity.clone(),
+                mqtt: mqtt.as_ref().map(|m| m.link.clone()),
+                live,
+                detector: settings.detector.clone(),
+                token: h.token.clone(),
+                started: Instant::now(),
+                config: cfg.file.clone(),
+            };
+            Some(
+                crate::http::serve(h, state)
+                    .await
+                    .map_err(|source| DaemonError::Http {
+                        addr: h.addr,
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
     let started = Instant::now();
     let running =
         pipeline::start(settings, shared.clone(), source, sinks).map_err(DaemonError::Threads)?;
@@ -179,6 +213,9 @@ pub async fn run(
                 );
             }
         }
+    }
+    if let Some(h) = http {
+        h.stop().await;
     }
     if let Some(m) = mqtt {
         m.stop().await;

@@ -203,6 +203,8 @@ workers = 1
 dir = "{store}"
 [output]
 stdout_jsonl = false
+[http]
+port = 0
 {extra}
 "#,
             store = store_dir(dir, device).display(),
@@ -1135,4 +1137,86 @@ fn tls_with_client_certificates_delivers_and_a_wrong_ca_is_refused_without_a_cra
         log.contains("OpenSSL Error") || log.contains("unknown ca") || log.contains("alert"),
         "mosquitto saw no TLS failure:\n{log}"
     );
+}
+
+/// A broker that wants a user name and password: the daemon's credentials from
+/// `username` + `password_file` get its results through; a wrong password is refused by the
+/// broker, logged, and the daemon keeps running (its results wait in the outbox).
+#[test]
+fn username_and_password_from_a_file_are_used_and_a_wrong_one_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let passwd = tmp.path().join("passwd");
+    let out = run_bounded(
+        Command::new(which("mosquitto_passwd")).args([
+            "-b",
+            "-c",
+            passwd.to_str().unwrap(),
+            "line7",
+            "s3cret-pass",
+        ]),
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let broker = Mosquitto::start_with(
+        &tmp.path().join("broker"),
+        &format!(
+            "allow_anonymous false\npassword_file {}\n",
+            passwd.display()
+        ),
+    );
+    let good = tmp.path().join("good-password");
+    std::fs::write(&good, "s3cret-pass\n").unwrap();
+    let bad = tmp.path().join("bad-password");
+    std::fs::write(&bad, "guess\n").unwrap();
+    let mqtt = |device: &str, file: &Path| {
+        config(
+            tmp.path(),
+            device,
+            &format!(
+                "[mqtt]\nhost = \"127.0.0.1\"\nport = {}\nusername = \"line7\"\npassword_file = \"{}\"\n",
+                broker.port,
+                file.display()
+            ),
+        )
+    };
+
+    let mut d = Daemon::start("auth-01", &mqtt("auth-01", &good));
+    let out = run_bounded(
+        mosquitto_sub().args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-u",
+            "line7",
+            "-P",
+            "s3cret-pass",
+            "-t",
+            &format!("{}/result", prefix("auth-01")),
+            "-C",
+            "2",
+            "-W",
+            "15",
+        ]),
+        Duration::from_secs(20),
+    );
+    d.stop();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}\n{}", d.log());
+    for l in text.lines() {
+        serde_json::from_str::<Inspection>(l).unwrap();
+    }
+
+    let mut d = Daemon::start("auth-02", &mqtt("auth-02", &bad));
+    let line = d.wait_log("cannot reach the MQTT broker", Duration::from_secs(10));
+    assert!(
+        line.contains("BadUserNamePassword") || line.contains("NotAuthorized"),
+        "{line}"
+    );
+    assert!(d.running(), "the daemon stopped on a refused login");
+    d.stop();
 }

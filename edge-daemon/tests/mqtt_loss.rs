@@ -143,6 +143,8 @@ queue = 16
 workers = 2
 [store]
 dir = "{}"
+[http]
+enabled = false
 [mqtt]
 host = "127.0.0.1"
 port = {}

@@ -45,6 +45,11 @@ queue = 64
 workers = 2
 [store]
 dir = "{}"
+# Tests run side by side: free ports, not the defaults.
+[http]
+port = 0
+[mqtt.embedded]
+port = 0
 "#,
             data.display(),
             store.display()
@@ -252,7 +257,8 @@ fn a_replay_that_cannot_be_read_is_refused_naming_the_problem() {
     std::fs::write(
         &config,
         format!(
-            "[source]\nkind = \"replay\"\npath = \"{}\"\n[store]\ndir = \"{}\"\n",
+            "[source]\nkind = \"replay\"\npath = \"{}\"\n[store]\ndir = \"{}\"\n\
+             [http]\nport = 0\n[mqtt.embedded]\nport = 0\n",
             data.display(),
             tmp.path().join("store").display()
         ),

@@ -14,6 +14,7 @@ pub const MESSAGE_VERSION: u32 = 1;
 
 /// The device's state on `…/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceState {
     /// Inspecting as configured.
@@ -27,6 +28,7 @@ pub enum DeviceState {
 
 /// `…/status`, retained: what a dashboard shows as the device's health.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Status {
     pub v: u32,
     pub state: DeviceState,
@@ -48,6 +50,7 @@ pub struct Status {
 
 /// Quantiles of one latency histogram, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Quantiles {
     pub count: u64,
     pub p50: f64,
@@ -58,6 +61,7 @@ pub struct Quantiles {
 
 /// Frame counters since the daemon started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FrameCounts {
     /// Delivered by the camera.
     pub captured: u64,
@@ -73,6 +77,7 @@ pub struct FrameCounts {
 
 /// The MQTT outbox: results waiting for the broker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutboxStats {
     /// Results waiting.
     pub depth: u64,
@@ -86,6 +91,7 @@ pub struct OutboxStats {
 
 /// `…/stats`, every few seconds (QoS 0): counters since start and current rates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Stats {
     pub v: u32,
     pub device: String,
@@ -110,6 +116,7 @@ pub struct Stats {
 /// code: `malformed`, `unauthorized`, `invalid`, `unknown_command`, `unsupported`, `retained`)
 /// and `detail` (what exactly is wrong), and means nothing was changed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CommandReply {
     pub v: u32,
     pub command: String,

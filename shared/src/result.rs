@@ -12,6 +12,7 @@ pub const RESULT_VERSION: u32 = 1;
 
 /// Which stage made the final decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DecidedBy {
     Rules,
@@ -32,6 +33,7 @@ impl DecidedBy {
 
 /// Why the rules could not fully judge a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RulesNote {
     /// No weld bead was found in the depth image.
@@ -44,6 +46,7 @@ pub enum RulesNote {
 
 /// The heuristic's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RulesVerdict {
     /// A class name, or `"unknown"` when the frame could not be judged (see `note`).
     pub class: String,
@@ -56,6 +59,7 @@ pub struct RulesVerdict {
 
 /// The neural network's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelVerdict {
     pub class: String,
     /// Softmax probability of `class`, in [0, 1].
@@ -66,6 +70,7 @@ pub struct ModelVerdict {
 
 /// What kind of thing a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FindingKind {
     /// A pit in the bead surface (porosity).
@@ -91,6 +96,7 @@ impl FindingKind {
 
 /// One located defect, with what could be measured of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Finding {
     pub kind: FindingKind,
     /// Pixel box `[x, y, w, h]` in the frame.
@@ -125,6 +131,7 @@ impl Finding {
 
 /// Whole-frame measurements; a field is absent when it could not be measured (e.g. no depth).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Measurements {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bead_width_mm: Option<f32>,
@@ -142,6 +149,7 @@ pub struct Measurements {
 
 /// Time spent per stage, milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LatencyMs {
     pub rules: f32,
     pub model: f32,
@@ -150,6 +158,7 @@ pub struct LatencyMs {
 
 /// One inspection result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Inspection {
     /// Format version, [`RESULT_VERSION`].
     pub v: u32,

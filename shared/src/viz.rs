@@ -5,6 +5,7 @@ use image::{Rgb, RgbImage};
 
 use crate::frame::{DepthMap, Frame};
 use crate::plane::{PlaneFitOptions, fit_plane};
+use crate::result::{Finding, FindingKind};
 
 /// Depth as a colour image for people: height above the fitted base-metal plane (so a bead a
 /// few mm high stands out on a tilted plate 200 mm away), near/high warm (red, yellow) and
@@ -149,5 +150,66 @@ mod tests {
         let tiles = vec![RgbImage::new(200, 100); 5];
         let sheet = contact_sheet(&tiles, 2, 100);
         assert_eq!(sheet.dimensions(), (2 * 104 + 4, 3 * 54 + 4));
+    }
+}
+
+/// The colour a finding of `kind` is drawn in: one per kind, distinct on weld photos (which are
+/// mostly grey and orange).
+pub fn finding_colour(kind: FindingKind) -> Rgb<u8> {
+    match kind {
+        FindingKind::Pore => Rgb([255, 40, 40]),
+        FindingKind::Undercut => Rgb([255, 220, 0]),
+        FindingKind::Spatter => Rgb([0, 200, 255]),
+        FindingKind::BurnThrough => Rgb([255, 0, 255]),
+    }
+}
+
+/// The image with each finding's box outlined in its kind's colour (2 px, clipped to the
+/// image). Drawn here rather than with `imageproc`: hollow rectangles are a few lines, and that
+/// crate would bring a second copy of much of `image`'s dependency tree.
+pub fn annotate(rgb: &RgbImage, findings: &[Finding]) -> RgbImage {
+    let mut out = rgb.clone();
+    let (w, h) = out.dimensions();
+    if w == 0 || h == 0 {
+        return out;
+    }
+    for f in findings {
+        let [x, y, bw, bh] = f.bbox;
+        let (x0, y0) = (x.min(w - 1), y.min(h - 1));
+        let x1 = x.saturating_add(bw.max(1) - 1).min(w - 1);
+        let y1 = y.saturating_add(bh.max(1) - 1).min(h - 1);
+        let c = finding_colour(f.kind);
+        for t in 0..2u32 {
+            for px in x0..=x1 {
+                out.put_pixel(px, (y0 + t).min(y1), c);
+                out.put_pixel(px, y1.saturating_sub(t).max(y0), c);
+            }
+            for py in y0..=y1 {
+                out.put_pixel((x0 + t).min(x1), py, c);
+                out.put_pixel(x1.saturating_sub(t).max(x0), py, c);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod annotate_tests {
+    use super::*;
+
+    #[test]
+    fn boxes_are_outlined_and_clipped() {
+        let img = RgbImage::new(20, 10);
+        let f = [
+            Finding::new(FindingKind::Pore, [2, 1, 8, 6]),
+            Finding::new(FindingKind::Spatter, [15, 5, 50, 50]),
+        ];
+        let a = annotate(&img, &f);
+        assert_eq!(*a.get_pixel(2, 1), finding_colour(FindingKind::Pore));
+        assert_eq!(*a.get_pixel(9, 6), finding_colour(FindingKind::Pore));
+        // The inside stays as it was.
+        assert_eq!(*a.get_pixel(5, 4), Rgb([0, 0, 0]));
+        // A box past the edge is drawn up to it.
+        assert_eq!(*a.get_pixel(19, 9), finding_colour(FindingKind::Spatter));
     }
 }

@@ -364,7 +364,7 @@ fn topic_prefix_problem(prefix: &str) -> Option<&'static str> {
 
 /// A secret from `file` (its first line) or the environment variable `env`; problems name
 /// `key` (`mqtt.password`: reported as `mqtt.password_file` / `mqtt.password_env`).
-fn read_secret(
+pub(crate) fn read_secret(
     key: &str,
     file: Option<&Path>,
     env: Option<&str>,
