@@ -146,7 +146,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 #[openapi(
     info(title = "weld-edge", description = "The weld inspection daemon's HTTP API"),
     paths(
-        healthz, readyz, status, stats, results, results_latest, results_stream,
+        healthz, readyz, metrics, status, stats, results, results_latest, results_stream,
         frame_latest, inspect, get_config, patch_config, captures, capture, openapi_json
     ),
     components(schemas(ErrorBody, DeviceStatus, MqttState, ConfigPatch, PolicyPatch)),
@@ -172,6 +172,7 @@ pub fn router(state: Arc<AppState>, settings: &HttpSettings) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/results", get(results))
@@ -692,6 +693,23 @@ async fn capture(
         },
         _ => Ok(Json(serde_json::json!({"result": cap.result})).into_response()),
     }
+}
+
+// ------------------------------------------------------------------ metrics
+
+/// Prometheus text: frames, drops, decided_by and class counts, per-stage latency histograms,
+/// outbox depth, MQTT link, model info, camera state.
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain")))]
+async fn metrics(State(state): Shared) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        super::metrics::render(&state),
+    )
+        .into_response()
 }
 
 // ------------------------------------------------------------------ the document

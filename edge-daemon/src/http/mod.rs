@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod live;
+pub mod metrics;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
