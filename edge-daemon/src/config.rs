@@ -503,6 +503,7 @@ mod tests {
             file.mqtt.tls = None;
             file.mqtt.password_file = None;
             file.mqtt.commands.token_file = None;
+            file.http.token_file = None;
             if let Err(e) = file.validate() {
                 panic!("{name}: {e}");
             }
