@@ -15,9 +15,10 @@ rustc --version
 echo "== system packages"
 # libclang-dev: bindgen in the v4l feature's V4L2 bindings; pkg-config: the realsense feature;
 # mosquitto and mosquitto-clients: the real broker and subscriber of the MQTT tests (started
-# by the tests themselves on free loopback ports); openssl: their TLS certificates.
+# by the tests themselves on free loopback ports); openssl: their TLS certificates; chromium:
+# the headless browser of the dashboard test.
 need=()
-for p in libclang-dev pkg-config mosquitto mosquitto-clients openssl; do
+for p in libclang-dev pkg-config mosquitto mosquitto-clients openssl chromium; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

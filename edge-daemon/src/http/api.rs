@@ -184,6 +184,7 @@ pub fn router(state: Arc<AppState>, settings: &HttpSettings) -> Router {
         .route("/api/v1/captures", get(captures))
         .route("/api/v1/captures/:id", get(capture))
         .route("/api/v1/openapi.json", get(openapi_json))
+        .merge(super::dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))

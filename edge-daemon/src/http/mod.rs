@@ -12,6 +12,7 @@
 //! - The OpenAPI document is generated from the handlers (utoipa) at `/api/v1/openapi.json`.
 
 pub mod api;
+pub mod dashboard;
 pub mod live;
 pub mod metrics;
 
