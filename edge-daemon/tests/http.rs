@@ -1,0 +1,1107 @@
+//! The HTTP API end to end (DESIGN.md "HTTP API"): the real `weld-edge` binary with a synthetic
+//! camera and `[http] port = 0`, called over real HTTP on loopback with a blocking client (ureq),
+//! and over a raw `TcpStream` where a client library would not send the request (stalled and
+//! oversized bodies, broken request lines). Every test runs its own daemon; every wait has a
+//! deadline and says what it waited for.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use weld_core::Inspection;
+use weld_core::messages::{DeviceState, Stats, Status};
+use weld_core::synth::{SynthClass, SynthConfig, generate};
+
+/// 32 characters: long enough for the daemon (at least 16).
+const TOKEN: &str = "http-test-token-0123456789abcdef";
+const WIDTH: u32 = 320;
+const HEIGHT: u32 = 240;
+/// `[http] max_body_bytes` of the daemons that take uploads: small, so 413 is cheap to reach.
+const MAX_BODY: usize = 65536;
+
+// ---------------------------------------------------------------------------------------------
+// The daemon
+
+/// A `weld-edge run` child serving HTTP on a free loopback port; its log collected.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// What a test's daemon has besides the synthetic camera.
+struct Setup {
+    token: bool,
+    mqtt: bool,
+    request_timeout_s: u64,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            token: true,
+            mqtt: false,
+            request_timeout_s: 30,
+        }
+    }
+}
+
+impl Daemon {
+    fn start(setup: Setup) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &setup);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weld-edge"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&strip_ansi(&line));
+                line.clear();
+            }
+        });
+        // "HTTP API listening addr=127.0.0.1:PORT"
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let text = log.lock().unwrap().clone();
+            if let Some(a) = text
+                .lines()
+                .find(|l| l.contains("HTTP API listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+            {
+                break a.parse::<SocketAddr>().unwrap();
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the daemon exited ({status}) before serving HTTP\n--- log ---\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no \"HTTP API listening\" within 20 s\n--- log ---\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Daemon {
+            child,
+            log,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        call(agent().get(self.url(path)).call())
+    }
+
+    fn get_auth(&self, path: &str, token: &str) -> Reply {
+        call(
+            agent()
+                .get(self.url(path))
+                .header("Authorization", format!("Bearer {token}"))
+                .call(),
+        )
+    }
+
+    fn patch_config(&self, token: Option<&str>, content_type: &str, body: &str) -> Reply {
+        let mut req = agent()
+            .patch(self.url("/api/v1/config"))
+            .header("Content-Type", content_type);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        call(req.send(body))
+    }
+
+    fn inspect(&self, query: &str, token: Option<&str>, parts: &[Part<'_>]) -> Reply {
+        let (content_type, body) = multipart(parts);
+        let mut req = agent()
+            .post(self.url(&format!("/api/v1/inspect{query}")))
+            .header("Content-Type", content_type);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        call(req.send(&body[..]))
+    }
+
+    /// Waits until the history holds at least `n` results.
+    fn wait_results(&self, n: usize) -> Vec<Inspection> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = self.get("/api/v1/results?limit=1000");
+            r.expect(200);
+            let got: Vec<Inspection> = r.json();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} results after 15 s, waited for {n}\n--- log ---\n{}",
+                got.len(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn signal_term(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running {timeout:?} after SIGTERM\n--- log ---\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Still running (no crash, no panic) after everything the test sent.
+    fn assert_alive(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the daemon exited\n--- log ---\n{}",
+            self.log()
+        );
+        assert!(!self.log().contains("panicked"), "{}", self.log());
+        self.get("/healthz").expect(200);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, setup: &Setup) -> PathBuf {
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let token_line = if setup.token {
+        format!("token_file = \"{}\"", token.display())
+    } else {
+        String::new()
+    };
+    let mqtt = if setup.mqtt {
+        "[mqtt.embedded]\nport = 0"
+    } else {
+        "[mqtt]\nenabled = false"
+    };
+    let path = dir.join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[device]
+id = "http-07"
+line = "L9"
+[source]
+kind = "synthetic"
+width = {WIDTH}
+height = {HEIGHT}
+fps = 20
+[pipeline]
+workers = 1
+[store]
+dir = "{store}"
+[output]
+stdout_jsonl = false
+{mqtt}
+[http]
+port = 0
+max_body_bytes = {MAX_BODY}
+request_timeout_s = {timeout}
+{token_line}
+"#,
+            store = dir.join("store").display(),
+            timeout = setup.request_timeout_s,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Removes terminal colour sequences (`ESC [ ... m`) in case the log is coloured.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+
+/// Statuses are answers here, not errors; every call is bounded.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// One answer, read whole.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    content_type: String,
+    body: Vec<u8>,
+}
+
+fn call(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    let mut r = r.unwrap();
+    let content_type = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    Reply {
+        status: r.status().as_u16(),
+        content_type,
+        body: r
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_vec()
+            .unwrap(),
+    }
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn expect(&self, status: u16) -> &Reply {
+        assert_eq!(self.status, status, "{}", self.text());
+        self
+    }
+
+    fn json<T: DeserializeOwned>(&self) -> T {
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "{} {}: {}",
+            self.status,
+            self.content_type,
+            self.text()
+        );
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not the expected JSON ({e}): {}", self.text()))
+    }
+
+    /// An error: this status, a JSON `{"error", "detail"}` body; returns `error`.
+    fn error(&self, status: u16) -> String {
+        self.expect(status);
+        let v: serde_json::Value = self.json();
+        let (Some(error), Some(detail)) = (v["error"].as_str(), v["detail"].as_str()) else {
+            panic!("{status}: not {{error, detail}}: {v}");
+        };
+        assert!(!error.is_empty() && !detail.is_empty(), "{v}");
+        error.to_string()
+    }
+}
+
+/// A field of a multipart form.
+struct Part<'a> {
+    name: &'a str,
+    content_type: &'a str,
+    data: &'a [u8],
+}
+
+fn multipart(parts: &[Part<'_>]) -> (String, Vec<u8>) {
+    const BOUNDARY: &str = "weld-edge-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for p in parts {
+        write!(
+            body,
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; \
+             filename=\"{name}.png\"\r\nContent-Type: {ct}\r\n\r\n",
+            name = p.name,
+            ct = p.content_type
+        )
+        .unwrap();
+        body.extend_from_slice(p.data);
+        body.extend_from_slice(b"\r\n");
+    }
+    write!(body, "--{BOUNDARY}--\r\n").unwrap();
+    (format!("multipart/form-data; boundary={BOUNDARY}"), body)
+}
+
+/// Sends `head` and `body` on a fresh connection (the body from a thread, write errors ignored:
+/// the server may answer and close before reading all of it) and returns the raw answer.
+fn raw(addr: SocketAddr, head: &str, body: Vec<u8>, wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&body);
+    });
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            // Timeout, or a reset after the answer: what came is the answer.
+            Err(_) => break,
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Status and body of a raw answer (`Connection: close`, so the body is the rest).
+fn raw_parts(answer: &str) -> (u16, &str) {
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body)
+}
+
+fn assert_json_error(answer: &str, status: u16) -> String {
+    let (got, body) = raw_parts(answer);
+    assert_eq!(got, status, "{answer}");
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"));
+    assert!(
+        v["error"].is_string() && v["detail"].is_string(),
+        "{answer}"
+    );
+    v["error"].as_str().unwrap().to_string()
+}
+
+/// A synthetic frame as the uploads carry it: RGB PNG, 16-bit depth PNG and its unit.
+struct Upload {
+    rgb_png: Vec<u8>,
+    depth_png: Vec<u8>,
+    depth_unit_mm: f32,
+}
+
+fn upload(class: SynthClass, seed: u64, width: u32, height: u32) -> Upload {
+    let cfg = SynthConfig::new(width, height);
+    let s = generate(class, seed, &cfg).unwrap();
+    let png = |write: &dyn Fn(&mut std::io::Cursor<Vec<u8>>) -> image::ImageResult<()>| {
+        let mut c = std::io::Cursor::new(Vec::new());
+        write(&mut c).unwrap();
+        c.into_inner()
+    };
+    let rgb_png = png(&|c| s.frame.rgb().write_to(c, image::ImageFormat::Png));
+    let depth = s.frame.depth().unwrap();
+    let depth_png = png(&|c| depth.values.write_to(c, image::ImageFormat::Png));
+    Upload {
+        rgb_png,
+        depth_png,
+        depth_unit_mm: cfg.depth_unit_mm,
+    }
+}
+
+fn policy_threshold(config: &serde_json::Value, key: &str) -> f64 {
+    config["policy"][key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("policy.{key} missing in {config}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+#[test]
+fn health_status_stats_and_config_have_their_shapes() {
+    let mut d = Daemon::start(Setup {
+        mqtt: true,
+        ..Setup::default()
+    });
+    let r = d.get("/healthz");
+    assert_eq!(r.expect(200).json::<serde_json::Value>()["status"], "ok");
+    d.wait_results(5);
+
+    // Online once the camera delivers: readyz 200, status online with the MQTT link.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let r = d.get("/api/v1/status");
+        r.expect(200);
+        let s: Status = r.json();
+        if s.state == DeviceState::Online || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let s: Status = status.json();
+    assert_eq!(s.state, DeviceState::Online, "{}", status.text());
+    assert_eq!((s.device.as_str(), s.line.as_str()), ("http-07", "L9"));
+    assert_eq!((s.camera.as_str(), s.policy.as_str()), ("ok", "hybrid"));
+    assert!(
+        s.reasons.is_empty() && s.model.is_none(),
+        "{}",
+        status.text()
+    );
+    let v: serde_json::Value = status.json();
+    assert!(v["mqtt"]["connected"].is_boolean(), "{v}");
+    assert!(v["mqtt"]["outbox"].is_u64(), "{v}");
+    let r = d.get("/readyz");
+    assert_eq!(
+        r.expect(200).json::<serde_json::Value>()["status"],
+        "online"
+    );
+
+    let r = d.get("/api/v1/stats");
+    let stats: Stats = r.expect(200).json();
+    assert_eq!(stats.device, "http-07");
+    assert!(stats.frames.processed >= 5, "{}", r.text());
+    // The counters are read one after another while frames go on: allow a frame or two.
+    assert!(stats.frames.captured + 2 >= stats.frames.processed);
+    assert!(stats.fps > 0.0 && stats.fps < 40.0, "fps {}", stats.fps);
+    assert!(stats.uptime_s > 0.0);
+    assert!(
+        stats
+            .classes
+            .values()
+            .sum::<u64>()
+            .abs_diff(stats.frames.processed)
+            <= 2,
+        "{}",
+        r.text()
+    );
+    assert!(stats.latency_ms.contains_key("rules"), "{}", r.text());
+
+    // The config as loaded, no secrets: the token file's name, never the token.
+    let r = d.get("/api/v1/config");
+    let config: serde_json::Value = r.expect(200).json();
+    assert_eq!(config["device"]["id"], "http-07");
+    assert_eq!(config["http"]["max_body_bytes"], MAX_BODY);
+    assert!(policy_threshold(&config, "rules_confident_at") > 0.0);
+    assert!(!r.text().contains(TOKEN));
+
+    let r = d.get("/api/v1/openapi.json");
+    let doc: serde_json::Value = r.expect(200).json();
+    for path in [
+        "/api/v1/status",
+        "/api/v1/results",
+        "/api/v1/inspect",
+        "/api/v1/config",
+        "/api/v1/captures/{id}",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} not in the document");
+    }
+
+    let r = d.get("/metrics");
+    r.expect(200);
+    assert!(
+        r.content_type.starts_with("text/plain"),
+        "{}",
+        r.content_type
+    );
+    assert!(r.text().contains("weld_frames_total"), "{}", r.text());
+    d.assert_alive();
+}
+
+#[test]
+fn results_page_by_id_and_latest_is_the_newest() {
+    let mut d = Daemon::start(Setup::default());
+    d.wait_results(12);
+    // Three pages of 4, each after the last id of the one before.
+    let mut seen = Vec::new();
+    let mut after: Option<uuid::Uuid> = None;
+    for _ in 0..3 {
+        let q = after.map_or(String::new(), |a| format!("&after={a}"));
+        let r = d.get(&format!("/api/v1/results?limit=4{q}"));
+        let page: Vec<Inspection> = r.expect(200).json();
+        assert_eq!(page.len(), 4, "{}", r.text());
+        assert!(
+            page.windows(2)
+                .all(|w| w[0].id < w[1].id && w[0].seq < w[1].seq)
+        );
+        if let Some(a) = after {
+            assert!(page[0].id > a, "a page starts after its `after`");
+        }
+        after = Some(page[3].id);
+        seen.extend(page);
+    }
+    let ids: HashSet<_> = seen.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), 12, "pages overlap");
+    // The pages are the first 12 of the history, in order.
+    let first: Vec<Inspection> = d.get("/api/v1/results?limit=12").json();
+    assert_eq!(
+        first.iter().map(|r| r.id).collect::<Vec<_>>(),
+        seen.iter().map(|r| r.id).collect::<Vec<_>>()
+    );
+    for r in &seen {
+        assert_eq!((r.device.as_str(), r.line.as_str()), ("http-07", "L9"));
+        assert!((0.0..=1.0).contains(&r.confidence));
+    }
+    // The default limit is 100; past the newest id there is nothing (yet).
+    let all: Vec<Inspection> = d.get("/api/v1/results").expect(200).json();
+    assert!(all.len() >= 12 && all.len() <= 100);
+
+    let latest: Inspection = d.get("/api/v1/results/latest").expect(200).json();
+    assert!(latest.seq >= seen[11].seq);
+    let newer: Vec<Inspection> = d
+        .get(&format!("/api/v1/results?after={}&limit=1000", latest.id))
+        .expect(200)
+        .json();
+    assert!(
+        newer.iter().all(|r| r.id > latest.id && r.seq > latest.seq),
+        "results/latest is not the newest"
+    );
+    d.assert_alive();
+}
+
+#[test]
+fn the_stream_sends_results_past_the_request_timeout_and_ends_on_sigterm() {
+    let mut d = Daemon::start(Setup {
+        request_timeout_s: 1,
+        ..Setup::default()
+    });
+    // The history and the live frame are separate sinks: the frame may come a moment later.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let r = loop {
+        let r = d.get("/api/v1/frames/latest.jpg");
+        if r.status != 404 || Instant::now() > deadline {
+            break r;
+        }
+        r.error(404);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    r.expect(200);
+    assert_eq!(r.content_type, "image/jpeg");
+    let img = image::load_from_memory_with_format(&r.body, image::ImageFormat::Jpeg).unwrap();
+    assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT));
+
+    let opened = Instant::now();
+    let mut resp = agent().get(d.url("/api/v1/results/stream")).call().unwrap();
+    assert_eq!(resp.status(), 200);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    // At 20 fps results come every 50 ms; the agent's 10 s bound ends a stalled read. The stream
+    // is read for longer than request_timeout_s (1 s): the timeout is not for streams.
+    let mut lines = BufReader::new(resp.body_mut().as_reader()).lines();
+    let mut event = String::new();
+    let mut got: Vec<Inspection> = Vec::new();
+    while got.len() < 3 || opened.elapsed() < Duration::from_millis(1500) {
+        let line = lines.next().expect("the stream ended").unwrap();
+        if let Some(e) = line.strip_prefix("event:") {
+            event = e.trim().to_string();
+        } else if let Some(data) = line.strip_prefix("data:") {
+            assert_eq!(event, "result", "unexpected event with data {data}");
+            got.push(serde_json::from_str(data.trim()).unwrap());
+        }
+    }
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(got.iter().all(|r| r.device == "http-07"));
+    d.assert_alive();
+
+    // SIGTERM with the stream open: the stream ends and the daemon exits cleanly, promptly.
+    let stopped = Instant::now();
+    d.signal_term();
+    for line in lines.by_ref() {
+        if line.is_err() {
+            break;
+        }
+    }
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}\n--- log ---\n{}", d.log());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        stopped.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inspect
+
+#[test]
+fn inspect_classifies_an_uploaded_frame() {
+    let mut d = Daemon::start(Setup::default());
+    // Small frames keep the upload under max_body_bytes.
+    let small = upload(SynthClass::BurnThrough, 7, 128, 96);
+    assert!(small.rgb_png.len() + small.depth_png.len() < MAX_BODY - 1024);
+    let q = format!("?policy=rules&depth_unit_mm={}", small.depth_unit_mm);
+    let r = d.inspect(
+        &q,
+        Some(TOKEN),
+        &[
+            Part {
+                name: "image",
+                content_type: "image/png",
+                data: &small.rgb_png,
+            },
+            Part {
+                name: "depth",
+                content_type: "image/png",
+                data: &small.depth_png,
+            },
+        ],
+    );
+    let result: Inspection = r.expect(200).json();
+    assert_eq!(result.class, "burn_through", "{}", r.text());
+    assert_eq!(result.device, "http-07");
+    assert!(result.rules.is_some() && result.model.is_none());
+    assert!(!result.findings.is_empty(), "{}", r.text());
+    // Nothing is stored: the upload is not in the history.
+    let history: Vec<Inspection> = d.get("/api/v1/results?limit=1000").json();
+    assert!(history.iter().all(|h| h.id != result.id));
+
+    // Hybrid (the default) without a model: the rules decide.
+    let r = d.inspect(
+        &q.replace("policy=rules&", ""),
+        Some(TOKEN),
+        &[
+            Part {
+                name: "image",
+                content_type: "image/png",
+                data: &small.rgb_png,
+            },
+            Part {
+                name: "depth",
+                content_type: "image/png",
+                data: &small.depth_png,
+            },
+        ],
+    );
+    let hybrid: Inspection = r.expect(200).json();
+    assert_eq!(hybrid.class, "burn_through", "{}", r.text());
+
+    // A depth image needs its unit; the unit must make sense.
+    let image = Part {
+        name: "image",
+        content_type: "image/png",
+        data: &small.rgb_png,
+    };
+    let depth = Part {
+        name: "depth",
+        content_type: "image/png",
+        data: &small.depth_png,
+    };
+    let two = [image, depth];
+    d.inspect("", Some(TOKEN), &two).error(400);
+    d.inspect("?depth_unit_mm=0", Some(TOKEN), &two).error(400);
+    d.inspect("?depth_unit_mm=abc", Some(TOKEN), &two)
+        .error(400);
+    // RGB only is enough.
+    let rgb_only = [Part {
+        name: "image",
+        content_type: "image/png",
+        data: &small.rgb_png,
+    }];
+    d.inspect("?policy=rules", Some(TOKEN), &rgb_only)
+        .expect(200);
+    // Bad policies, bad forms.
+    d.inspect("?policy=magic", Some(TOKEN), &rgb_only)
+        .error(400);
+    d.inspect("?policy=model", Some(TOKEN), &rgb_only)
+        .error(409);
+    d.inspect("", Some(TOKEN), &[]).error(400);
+    let not_png = [Part {
+        name: "image",
+        content_type: "image/png",
+        data: b"this is not an image at all, just some text",
+    }];
+    assert_eq!(
+        d.inspect("", Some(TOKEN), &not_png).error(400),
+        "bad_request"
+    );
+    // An 8-bit "depth" is refused.
+    let wrong_depth = [
+        Part {
+            name: "image",
+            content_type: "image/png",
+            data: &small.rgb_png,
+        },
+        Part {
+            name: "depth",
+            content_type: "image/png",
+            data: &small.rgb_png,
+        },
+    ];
+    d.inspect("?depth_unit_mm=0.05", Some(TOKEN), &wrong_depth)
+        .error(400);
+    let unknown = [Part {
+        name: "picture",
+        content_type: "image/png",
+        data: &small.rgb_png,
+    }];
+    d.inspect("", Some(TOKEN), &unknown).error(400);
+    // Not multipart at all.
+    let r = call(
+        agent()
+            .post(d.url("/api/v1/inspect"))
+            .header("Authorization", format!("Bearer {TOKEN}"))
+            .header("Content-Type", "application/json")
+            .send("{}"),
+    );
+    r.error(400);
+    d.assert_alive();
+}
+
+#[test]
+fn uploads_over_the_limit_are_413_with_json() {
+    let mut d = Daemon::start(Setup::default());
+    let up = upload(SynthClass::Porosity, 3, WIDTH, HEIGHT);
+    assert!(up.rgb_png.len() > MAX_BODY, "a 320x240 PNG is over 64 KiB");
+    let (ct, body) = multipart(&[Part {
+        name: "image",
+        content_type: "image/png",
+        data: &up.rgb_png,
+    }]);
+    let head = format!(
+        "POST /api/v1/inspect HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let answer = raw(d.addr, &head, body, Duration::from_secs(10));
+    assert_json_error(&answer, 413);
+
+    // A JSON body over the limit, to PATCH config.
+    let big = format!(
+        "{{\"policy\":{{\"rules_confident_at\":0.5{}}}}}",
+        " ".repeat(MAX_BODY + 100)
+    );
+    let head = format!(
+        "PATCH /api/v1/config HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    );
+    let answer = raw(d.addr, &head, big.into_bytes(), Duration::from_secs(10));
+    assert_json_error(&answer, 413);
+    // ... and nothing changed.
+    let config: serde_json::Value = d.get("/api/v1/config").json();
+    assert!((policy_threshold(&config, "rules_confident_at") - 0.5).abs() > 1e-3);
+    d.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+#[test]
+fn patch_config_changes_thresholds_and_refuses_bad_values() {
+    let mut d = Daemon::start(Setup::default());
+    let before: serde_json::Value = d.get("/api/v1/config").expect(200).json();
+    let rules0 = policy_threshold(&before, "rules_confident_at");
+    let model0 = policy_threshold(&before, "model_confident_at");
+
+    let r = d.patch_config(
+        Some(TOKEN),
+        "application/json",
+        r#"{"policy":{"rules_confident_at":0.55}}"#,
+    );
+    let answer: serde_json::Value = r.expect(200).json();
+    assert!((policy_threshold(&answer, "rules_confident_at") - 0.55).abs() < 1e-6);
+    let now: serde_json::Value = d.get("/api/v1/config").json();
+    assert!((policy_threshold(&now, "rules_confident_at") - 0.55).abs() < 1e-6);
+    assert!((policy_threshold(&now, "model_confident_at") - model0).abs() < 1e-6);
+    assert!((rules0 - 0.55).abs() > 1e-3, "the default is not 0.55");
+
+    let r = d.patch_config(
+        Some(TOKEN),
+        "application/json; charset=utf-8",
+        r#"{"policy":{"model_confident_at":0.65,"rules_confident_at":1}}"#,
+    );
+    r.expect(200);
+    let now: serde_json::Value = d.get("/api/v1/config").json();
+    assert!((policy_threshold(&now, "model_confident_at") - 0.65).abs() < 1e-6);
+    assert!((policy_threshold(&now, "rules_confident_at") - 1.0).abs() < 1e-6);
+
+    // Each of these is refused and changes nothing.
+    let json = "application/json";
+    for (ct, body, status) in [
+        (json, r#"{"policy":{"rules_confident_at":1.5}}"#, 400),
+        (json, r#"{"policy":{"rules_confident_at":0}}"#, 400),
+        (json, r#"{"policy":{"model_confident_at":-0.1}}"#, 400),
+        (json, r#"{"policy":{"rules_confident_at":1e39}}"#, 400),
+        (json, r#"{"policy":{"rules_confident_at":1e400}}"#, 400),
+        // A valid one beside an invalid one: all or nothing.
+        (
+            json,
+            r#"{"policy":{"rules_confident_at":0.3,"model_confident_at":2}}"#,
+            400,
+        ),
+        (json, r#"{"policy":{"rules_confident_at":"0.5"}}"#, 400),
+        (json, r#"{"policy":{"rules_confident_at":null}}"#, 400),
+        (json, r#"{"policy":{"rules_confident_at":0.5,"x":1}}"#, 400),
+        (json, r#"{"policy":{}}"#, 400),
+        (json, r#"{"pipeline":{"workers":3}}"#, 400),
+        (json, r#"{"policy":{"mode":"rules"}}"#, 400),
+        (json, r#"{"policy":{"rules_confident_at":0.5"#, 400),
+        (json, "[]", 400),
+        (json, "null", 400),
+        (json, "", 400),
+        (
+            "text/plain",
+            r#"{"policy":{"rules_confident_at":0.5}}"#,
+            415,
+        ),
+        (
+            "application/x-www-form-urlencoded",
+            "policy.rules_confident_at=0.5",
+            415,
+        ),
+    ] {
+        let r = d.patch_config(Some(TOKEN), ct, body);
+        assert_eq!(r.status, status, "{ct} {body}: {}", r.text());
+        r.error(status);
+        let after: serde_json::Value = d.get("/api/v1/config").json();
+        assert_eq!(after, now, "{body} changed the config");
+    }
+    // Unauthenticated and wrongly authenticated changes are refused before anything else.
+    let good = r#"{"policy":{"rules_confident_at":0.3}}"#;
+    assert_eq!(d.patch_config(None, json, good).error(401), "unauthorized");
+    d.patch_config(Some("http-test-token-0123456789abcdeX"), json, good)
+        .error(401);
+    d.patch_config(None, json, "{bad").error(401);
+    assert_eq!(d.get("/api/v1/config").json::<serde_json::Value>(), now);
+    d.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth
+
+#[test]
+fn the_token_guards_changes_and_captures() {
+    let mut d = Daemon::start(Setup::default());
+    d.wait_results(3);
+    let small = upload(SynthClass::Good, 1, 128, 96);
+    let image = [Part {
+        name: "image",
+        content_type: "image/png",
+        data: &small.rgb_png,
+    }];
+    // No token, a wrong one, one of another length, a prefix, another scheme: 401.
+    d.inspect("", None, &image).error(401);
+    for bad in [
+        "http-test-token-0123456789abcdeF",
+        "x",
+        &TOKEN[..20],
+        &format!("{TOKEN}0"),
+    ] {
+        assert_eq!(d.inspect("", Some(bad), &image).error(401), "unauthorized");
+        d.get_auth("/api/v1/captures", bad).error(401);
+    }
+    for header in [format!("Basic {TOKEN}"), TOKEN.to_string(), "Bearer".into()] {
+        let r = call(
+            agent()
+                .get(d.url("/api/v1/captures"))
+                .header("Authorization", header)
+                .call(),
+        );
+        r.error(401);
+    }
+    d.get("/api/v1/captures").error(401);
+    d.get(&format!("/api/v1/captures/{}", uuid::Uuid::nil()))
+        .error(401);
+    d.inspect("", Some(TOKEN), &image).expect(200);
+
+    // Reads stay open.
+    d.get("/api/v1/status").expect(200);
+    d.get("/api/v1/results/latest").expect(200);
+    d.assert_alive();
+
+    // A daemon without a token refuses every guarded call, even with a token: 403.
+    let mut open = Daemon::start(Setup {
+        token: false,
+        ..Setup::default()
+    });
+    for token in [None, Some(TOKEN)] {
+        assert_eq!(open.inspect("", token, &image).error(403), "forbidden");
+        open.patch_config(
+            token,
+            "application/json",
+            r#"{"policy":{"rules_confident_at":0.3}}"#,
+        )
+        .error(403);
+        let captures = match token {
+            Some(t) => open.get_auth("/api/v1/captures", t),
+            None => open.get("/api/v1/captures"),
+        };
+        captures.error(403);
+    }
+    open.get("/api/v1/status").expect(200);
+    open.assert_alive();
+}
+
+#[test]
+fn captures_list_and_parts_with_the_token() {
+    let mut d = Daemon::start(Setup::default());
+    // Without a model, frames the rules are unsure of are captured; a few seconds give some.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let list = loop {
+        let r = d.get_auth("/api/v1/captures?limit=5", TOKEN);
+        let list: Vec<serde_json::Value> = r.expect(200).json();
+        if list.len() >= 2 {
+            break list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 2 captures after 15 s: {}\n--- log ---\n{}",
+            r.text(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ids: Vec<uuid::Uuid> = list
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first");
+    // Paging: after the first, the second comes first.
+    let next: Vec<serde_json::Value> = d
+        .get_auth(&format!("/api/v1/captures?after={}&limit=1", ids[0]), TOKEN)
+        .expect(200)
+        .json();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0]["id"].as_str().unwrap(), ids[1].to_string());
+
+    let c = &list[0];
+    assert_eq!(c["width"], WIDTH);
+    assert_eq!(c["height"], HEIGHT);
+    assert_eq!(c["has_depth"], true, "{c}");
+    let id = ids[0];
+    let r = d.get_auth(&format!("/api/v1/captures/{id}"), TOKEN);
+    let v: serde_json::Value = r.expect(200).json();
+    let result: Inspection = serde_json::from_value(v["result"].clone()).unwrap();
+    assert_eq!(result.id, id);
+    assert_eq!(result.class, c["class"].as_str().unwrap());
+    // The same result as in the history.
+    let history: Vec<Inspection> = d.get("/api/v1/results?limit=1000").json();
+    let stored = history.iter().find(|h| h.id == id).unwrap();
+    assert_eq!(stored, &result);
+
+    let r = d.get_auth(&format!("/api/v1/captures/{id}?part=rgb"), TOKEN);
+    r.expect(200);
+    assert_eq!(r.content_type, "image/png");
+    assert_eq!(r.body.len() as u64, c["rgb_png_bytes"].as_u64().unwrap());
+    let rgb = image::load_from_memory_with_format(&r.body, image::ImageFormat::Png).unwrap();
+    assert_eq!((rgb.width(), rgb.height()), (WIDTH, HEIGHT));
+    assert!(matches!(rgb, image::DynamicImage::ImageRgb8(_)));
+
+    let r = d.get_auth(&format!("/api/v1/captures/{id}?part=depth"), TOKEN);
+    r.expect(200);
+    let depth = image::load_from_memory_with_format(&r.body, image::ImageFormat::Png).unwrap();
+    assert!(matches!(depth, image::DynamicImage::ImageLuma16(_)));
+    assert_eq!((depth.width(), depth.height()), (WIDTH, HEIGHT));
+
+    d.get_auth(&format!("/api/v1/captures/{id}?part=thermal"), TOKEN)
+        .error(400);
+    d.get_auth("/api/v1/captures/not-a-uuid", TOKEN).error(400);
+    d.get_auth(&format!("/api/v1/captures/{}", uuid::Uuid::nil()), TOKEN)
+        .error(404);
+    d.get_auth("/api/v1/captures?limit=0", TOKEN).error(400);
+    d.get_auth("/api/v1/captures?after=nope", TOKEN).error(400);
+    d.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+#[test]
+fn bad_requests_get_json_errors() {
+    let mut d = Daemon::start(Setup {
+        request_timeout_s: 1,
+        ..Setup::default()
+    });
+    d.wait_results(1);
+    for q in [
+        "limit=abc",
+        "limit=0",
+        "limit=-1",
+        "limit=1001",
+        "limit=99999999999999999999999",
+        "limit=1&limit=2",
+        "after=not-a-uuid",
+        "after=",
+        "limit=%FF",
+    ] {
+        let r = d.get(&format!("/api/v1/results?{q}"));
+        assert_eq!(r.error(400), "bad_request", "{q}");
+    }
+    // Unknown query keys are ignored; the largest limit is accepted.
+    d.get("/api/v1/results?limit=1000&colour=blue").expect(200);
+
+    for path in [
+        "/nope",
+        "/api/v1/nope",
+        "/api/v2/status",
+        "/api/v1/results/x/y",
+    ] {
+        assert_eq!(d.get(path).error(404), "not_found", "{path}");
+    }
+    let wrong_method = [
+        call(agent().post(d.url("/api/v1/status")).send_empty()),
+        call(agent().delete(d.url("/api/v1/config")).call()),
+        call(agent().get(d.url("/api/v1/inspect")).call()),
+        call(agent().put(d.url("/api/v1/results")).send("x")),
+        call(agent().post(d.url("/healthz")).send_empty()),
+    ];
+    for r in wrong_method {
+        assert_eq!(r.error(405), "method_not_allowed");
+    }
+
+    // A request line that is not HTTP: refused by the server (no JSON possible), and it lives on.
+    let answer = raw(d.addr, "BLAH\r\n\r\n", Vec::new(), Duration::from_secs(5));
+    assert_eq!(raw_parts(&answer).0, 400, "{answer}");
+    // A body that never comes: 408 with JSON after request_timeout_s (1 s).
+    let t = Instant::now();
+    let head = format!(
+        "PATCH /api/v1/config HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n\
+         {{\"policy\":"
+    );
+    let answer = raw(d.addr, &head, Vec::new(), Duration::from_secs(10));
+    assert_eq!(assert_json_error(&answer, 408), "timeout");
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    d.assert_alive();
+}
