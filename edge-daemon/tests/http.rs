@@ -537,6 +537,22 @@ fn health_status_stats_and_config_have_their_shapes() {
     ] {
         assert!(doc["paths"][path].is_object(), "{path} not in the document");
     }
+    // The document states the limits the handlers enforce, so that clients and fuzzers
+    // generated from it send what is accepted (docs/bench/api-fuzz.sh).
+    let patch = &doc["components"]["schemas"]["PolicyPatch"];
+    assert_eq!(patch["minProperties"], 1, "{patch}");
+    assert!(patch.get("maxProperties").is_none(), "{patch}");
+    assert_eq!(patch["properties"]["rules_confident_at"]["type"], "number");
+    assert_eq!(patch["properties"]["rules_confident_at"]["maximum"], 1.0);
+    let params = doc["paths"]["/api/v1/results"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    let limit = params.iter().find(|p| p["name"] == "limit").unwrap();
+    assert_eq!(limit["schema"]["minimum"], 1, "{limit}");
+    assert_eq!(limit["schema"]["maximum"], 1000, "{limit}");
+    let form = &doc["paths"]["/api/v1/inspect"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        ["schema"];
+    assert!(form.is_object(), "inspect documents no form: {form}");
 
     let r = d.get("/metrics");
     r.expect(200);
@@ -872,6 +888,11 @@ fn patch_config_changes_thresholds_and_refuses_bad_values() {
         ),
         (json, r#"{"policy":{"rules_confident_at":"0.5"}}"#, 400),
         (json, r#"{"policy":{"rules_confident_at":null}}"#, 400),
+        (
+            json,
+            r#"{"policy":{"rules_confident_at":null,"model_confident_at":0.9}}"#,
+            400,
+        ),
         (json, r#"{"policy":{"rules_confident_at":0.5,"x":1}}"#, 400),
         (json, r#"{"policy":{}}"#, 400),
         (json, r#"{"pipeline":{"workers":3}}"#, 400),

@@ -330,6 +330,7 @@ struct ResultsQuery {
     /// Only results after this id (exclusive); the oldest kept when absent.
     after: Option<Uuid>,
     /// At most this many, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -426,16 +427,31 @@ async fn frame_latest(State(state): Shared) -> ApiResult<Response> {
 #[into_params(parameter_in = Query)]
 struct InspectQuery {
     /// `hybrid` (default), `rules`, `model` or `both`.
+    #[param(pattern = "^(hybrid|rules|model|both)$")]
     policy: Option<String>,
-    /// Millimetres per raw depth unit of the uploaded depth PNG (needed with one).
+    /// Millimetres per raw depth unit of the uploaded depth PNG (needed with one), in (0, 100].
+    #[param(exclusive_minimum = 0.0, maximum = 100.0)]
     depth_unit_mm: Option<f32>,
+}
+
+/// The form `POST /api/v1/inspect` takes (the schema only: the handler reads the parts as
+/// they stream in).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct InspectForm {
+    /// The colour image: PNG or JPEG, 8-bit RGB or grey.
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+    /// The depth image: a 16-bit grey PNG of the image's size; needs `?depth_unit_mm=`.
+    #[schema(value_type = Option<String>, format = Binary)]
+    depth: Option<Vec<u8>>,
 }
 
 /// Inspects an uploaded frame with the running detector and model: multipart form with
 /// `image` (PNG or JPEG) and optionally `depth` (16-bit PNG). Needs the token: it takes CPU
 /// from the line. Nothing is stored.
 #[utoipa::path(post, path = "/api/v1/inspect", params(InspectQuery),
-    request_body(content_type = "multipart/form-data", description = "`image`, optional `depth`"),
+    request_body(content = InspectForm, content_type = "multipart/form-data"),
     security(("bearer" = [])),
     responses((status = 200, body = Inspection), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -557,14 +573,53 @@ pub struct ConfigPatch {
     pub policy: PolicyPatch,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+/// At least one of the two thresholds, each in (0, 1]; `null` is refused like any other value
+/// outside that range.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyPatch {
-    /// In (0, 1].
+    #[serde(default, deserialize_with = "present")]
     pub rules_confident_at: Option<f32>,
-    /// In (0, 1].
+    #[serde(default, deserialize_with = "present")]
     pub model_confident_at: Option<f32>,
 }
+
+/// A key that is there must hold a number: absent is "unchanged", `null` is an error (serde
+/// would otherwise read it as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    f32::deserialize(d).map(Some)
+}
+
+// PolicyPatch's schema is written out because utoipa-gen 5 emits `min_properties` as
+// `maxProperties` (and `Option` as nullable), which would document `{}` and `null` as valid
+// and a patch of both thresholds as invalid.
+impl utoipa::PartialSchema for PolicyPatch {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, SchemaFormat, SchemaType, Type};
+        let threshold = || {
+            ObjectBuilder::new()
+                .schema_type(SchemaType::Type(Type::Number))
+                .format(Some(SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Float,
+                )))
+                // (0, 1] as a 32-bit float: a smaller positive JSON number would round to 0.
+                .minimum(Some(f64::from(f32::MIN_POSITIVE)))
+                .maximum(Some(1.0))
+                .description(Some("In (0, 1]."))
+        };
+        ObjectBuilder::new()
+            .description(Some("At least one of the two thresholds."))
+            .property("rules_confident_at", threshold())
+            .property("model_confident_at", threshold())
+            .min_properties(Some(1))
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for PolicyPatch {}
 
 /// The running configuration: the config file as loaded, with the current thresholds.
 #[utoipa::path(get, path = "/api/v1/config", responses((status = 200, description = "the config as JSON")))]
@@ -588,7 +643,8 @@ async fn get_config(State(state): Shared) -> Json<serde_json::Value> {
 #[utoipa::path(patch, path = "/api/v1/config", request_body = ConfigPatch,
     security(("bearer" = [])),
     responses((status = 200, description = "the new config"), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
 async fn patch_config(
     State(state): Shared,
     headers: HeaderMap,
@@ -627,8 +683,8 @@ async fn patch_config(
 
 /// Frames kept for labelling (uncertain, or asked for), oldest first. Needs the token.
 #[utoipa::path(get, path = "/api/v1/captures", params(ResultsQuery), security(("bearer" = [])),
-    responses((status = 200, description = "capture records"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
+    responses((status = 200, description = "capture records"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn captures(
     State(state): Shared,
     headers: HeaderMap,
@@ -647,14 +703,16 @@ async fn captures(
 #[into_params(parameter_in = Query)]
 struct CaptureQuery {
     /// `json` (default: the record and its result), `rgb` or `depth` (the PNG).
+    #[param(pattern = "^(json|rgb|depth)$")]
     part: Option<String>,
 }
 
 /// One capture: its record and result as JSON, or its RGB or depth PNG. Needs the token.
 #[utoipa::path(get, path = "/api/v1/captures/{id}", params(("id" = Uuid, Path), CaptureQuery),
     security(("bearer" = [])),
-    responses((status = 200, description = "JSON or PNG"), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody)))]
+    responses((status = 200, description = "JSON or PNG"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
 async fn capture(
     State(state): Shared,
     headers: HeaderMap,
