@@ -104,6 +104,37 @@ impl Thresholds {
     }
 }
 
+/// Changes the running policy's thresholds: the ones given replace the current ones, both
+/// are checked, and nothing changes unless all is valid. `prefix` names the keys in the
+/// errors (`policy` for HTTP, `thresholds` for the MQTT command). Returns the new thresholds,
+/// or every problem found.
+pub fn change_thresholds(
+    policy: &arc_swap::ArcSwap<Policy>,
+    rules_confident_at: Option<f32>,
+    model_confident_at: Option<f32>,
+    prefix: &str,
+) -> Result<Thresholds, String> {
+    if rules_confident_at.is_none() && model_confident_at.is_none() {
+        return Err(format!(
+            "give {prefix}.rules_confident_at and/or {prefix}.model_confident_at"
+        ));
+    }
+    let current = policy.load();
+    let thresholds = Thresholds {
+        rules_confident_at: rules_confident_at.unwrap_or(current.thresholds.rules_confident_at),
+        model_confident_at: model_confident_at.unwrap_or(current.thresholds.model_confident_at),
+    };
+    let problems = thresholds.problems(prefix);
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    policy.store(std::sync::Arc::new(Policy {
+        kind: current.kind,
+        thresholds,
+    }));
+    Ok(thresholds)
+}
+
 /// What the model stage produced for a frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelStage {

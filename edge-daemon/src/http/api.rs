@@ -26,7 +26,7 @@ use weld_core::{DepthMap, Frame, Inspection};
 use super::{AppState, HttpSettings};
 use crate::mqtt::status::{self as device_status, Health};
 use crate::pipeline::inspect_frame;
-use crate::policy::{Policy, PolicyKind, Thresholds};
+use crate::policy::{Policy, PolicyKind, change_thresholds};
 use crate::store::{CaptureMeta, MAX_QUERY_LIMIT};
 
 type Shared = State<Arc<AppState>>;
@@ -653,28 +653,13 @@ async fn patch_config(
     authorize(&state, &headers)?;
     let Json(patch) = body?;
     let p = patch.policy;
-    if p.rules_confident_at.is_none() && p.model_confident_at.is_none() {
-        return Err(ApiError::bad_request(
-            "give policy.rules_confident_at and/or policy.model_confident_at",
-        ));
-    }
-    let current = state.shared.policy.load();
-    let thresholds = Thresholds {
-        rules_confident_at: p
-            .rules_confident_at
-            .unwrap_or(current.thresholds.rules_confident_at),
-        model_confident_at: p
-            .model_confident_at
-            .unwrap_or(current.thresholds.model_confident_at),
-    };
-    let problems = thresholds.problems("policy");
-    if !problems.is_empty() {
-        return Err(ApiError::bad_request(problems.join("; ")));
-    }
-    state.shared.policy.store(Arc::new(Policy {
-        kind: current.kind,
-        thresholds,
-    }));
+    let thresholds = change_thresholds(
+        &state.shared.policy,
+        p.rules_confident_at,
+        p.model_confident_at,
+        "policy",
+    )
+    .map_err(ApiError::bad_request)?;
     tracing::info!(?thresholds, "HTTP: policy thresholds changed");
     Ok(get_config(State(state)).await)
 }

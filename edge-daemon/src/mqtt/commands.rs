@@ -29,7 +29,7 @@ use weld_core::messages::{CommandReply, MESSAGE_VERSION};
 
 use super::config::Secret;
 use crate::pipeline::Shared;
-use crate::policy::{Policy, Thresholds};
+use crate::policy::change_thresholds;
 
 /// Most frames one `capture` command may ask for (at 60 fps, almost 3 minutes).
 pub const MAX_CAPTURE_FRAMES: u64 = 10_000;
@@ -150,29 +150,13 @@ fn run(
         }
         "thresholds" => {
             let t: SetThresholds = params(fields)?;
-            if t.rules_confident_at.is_none() && t.model_confident_at.is_none() {
-                return Err(Refusal(
-                    "invalid",
-                    "give rules_confident_at and/or model_confident_at".into(),
-                ));
-            }
-            let current = shared.policy.load();
-            let thresholds = Thresholds {
-                rules_confident_at: t
-                    .rules_confident_at
-                    .unwrap_or(current.thresholds.rules_confident_at),
-                model_confident_at: t
-                    .model_confident_at
-                    .unwrap_or(current.thresholds.model_confident_at),
-            };
-            let problems = thresholds.problems("thresholds");
-            if !problems.is_empty() {
-                return Err(Refusal("invalid", problems.join("; ")));
-            }
-            shared.policy.store(std::sync::Arc::new(Policy {
-                kind: current.kind,
-                thresholds,
-            }));
+            let thresholds = change_thresholds(
+                &shared.policy,
+                t.rules_confident_at,
+                t.model_confident_at,
+                "thresholds",
+            )
+            .map_err(|e| Refusal("invalid", e))?;
             tracing::info!(?thresholds, "thresholds command: policy thresholds changed");
             Ok(json!({
                 "rules_confident_at": thresholds.rules_confident_at,
@@ -234,7 +218,7 @@ fn params<T: DeserializeOwned>(fields: Map<String, Value>) -> Result<T, Refusal>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PolicyKind;
+    use crate::policy::{Policy, PolicyKind, Thresholds};
     use std::sync::Arc;
 
     const TOKEN: &str = "0123456789abcdef-token";

@@ -42,15 +42,31 @@ impl Mosquitto {
             extra: extra.to_string(),
             child: None,
         };
-        m.launch();
-        m
+        // The free port can be taken again before mosquitto binds it (by another test's
+        // client, as its local port): then mosquitto exits, and a new port is tried.
+        for _ in 0..5 {
+            if m.launch() {
+                return m;
+            }
+            m.port = free_port();
+        }
+        panic!(
+            "mosquitto could not listen on 5 free ports; log: {}",
+            m.log()
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    fn launch(&mut self) {
+    /// Starts mosquitto on `self.port` and waits until it listens; false when it exited
+    /// instead (the port was taken).
+    fn launch(&mut self) -> bool {
         let conf = self.dir.join("mosquitto.conf");
         let mut f = std::fs::File::create(&conf).unwrap();
         // `user root`: started as root (CI containers), mosquitto otherwise switches to the
@@ -74,17 +90,29 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        self.child = Some(child);
+        let mut child = child;
         let t = Instant::now();
-        while TcpStream::connect(self.addr()).is_err() {
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            // A connection to itself (local port = the port asked for, nothing listening)
+            // is not mosquitto.
+            if TcpStream::connect(self.addr())
+                .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+            {
+                break;
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "mosquitto did not listen on {} (log: {})",
                 self.addr(),
-                std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.child = Some(child);
+        true
     }
 
     /// Stops it like a service manager does (SIGTERM) and waits for it to exit.
@@ -106,7 +134,12 @@ impl Mosquitto {
     /// Starts it again on the same port (after [`Mosquitto::stop`]).
     pub fn restart(&mut self) {
         self.stop();
-        self.launch();
+        assert!(
+            self.launch(),
+            "mosquitto could not listen again on {}; log: {}",
+            self.addr(),
+            self.log()
+        );
     }
 
     pub fn running(&self) -> bool {
