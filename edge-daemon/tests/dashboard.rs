@@ -12,7 +12,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use common::daemon::{collect, spawn_run};
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,42 +27,6 @@ use serde_json::{Value, json};
 const WAIT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------------ child processes
-
-/// Collects a child's output lines in the background (so its pipe never fills).
-fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let log = Arc::new(Mutex::new(String::new()));
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            let mut s = sink.lock().unwrap();
-            s.push_str(&strip_ansi(&line));
-            s.push('\n');
-        }
-    });
-    log
-}
-
-/// `NO_COLOR` is not honoured everywhere: drop ANSI escape sequences.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ ... final byte in @..~
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// Polls `f` until it gives `Ok`, at most [`WAIT`]; panics with `what` and the last `Err` (what
 /// was seen instead).
@@ -91,16 +57,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weld-edge"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = collect(child.stderr.take().unwrap());
+        let (child, log) = spawn_run(config);
         let d = Daemon { child, log };
         wait_for("the daemon's HTTP API", || {
             let log = d.log();

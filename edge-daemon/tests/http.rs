@@ -5,11 +5,13 @@
 //! deadline and says what it waited for.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,8 @@ use serde::de::DeserializeOwned;
 use weld_core::Inspection;
 use weld_core::messages::{DeviceState, Stats, Status};
 use weld_core::synth::{SynthClass, SynthConfig, generate};
+
+use common::daemon::spawn_run;
 
 /// 32 characters: long enough for the daemon (at least 16).
 const TOKEN: &str = "http-test-token-0123456789abcdef";
@@ -57,25 +61,7 @@ impl Daemon {
     fn start(setup: Setup) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &setup);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weld-edge"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            while stderr.read_line(&mut line).unwrap_or(0) > 0 {
-                sink.lock().unwrap().push_str(&strip_ansi(&line));
-                line.clear();
-            }
-        });
+        let (mut child, log) = spawn_run(&config);
         // "HTTP API listening addr=127.0.0.1:PORT"
         let deadline = Instant::now() + Duration::from_secs(20);
         let addr = loop {
@@ -257,24 +243,6 @@ request_timeout_s = {timeout}
     )
     .unwrap();
     path
-}
-
-/// Removes terminal colour sequences (`ESC [ ... m`) in case the log is coloured.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ mod common;
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -16,6 +16,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::daemon::spawn_run;
 use common::mosquitto::{Mosquitto, which};
 use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde::de::DeserializeOwned;
@@ -39,25 +40,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(name: &str, config: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weld-edge"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            while stderr.read_line(&mut line).unwrap_or(0) > 0 {
-                sink.lock().unwrap().push_str(&strip_ansi(&line));
-                line.clear();
-            }
-        });
+        let (child, log) = spawn_run(config);
         Daemon {
             name: name.to_string(),
             child: Some(child),
@@ -161,24 +144,6 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
-}
-
-/// Removes terminal colour sequences (`ESC [ ... m`) in case the log is coloured.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Writes `dir/{device}.toml`: a synthetic camera (small frames, 20 fps), the store in

@@ -1,6 +1,7 @@
 //! Fixtures shared by the integration tests.
 #![allow(clippy::unwrap_used, dead_code)] // test fixtures; not every test file uses every one
 
+pub mod daemon;
 pub mod mosquitto;
 
 use std::path::{Path, PathBuf};
