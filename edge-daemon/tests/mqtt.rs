@@ -771,7 +771,12 @@ fn commands_are_authenticated_validated_and_never_taken_from_retained_messages()
         ]),
         Duration::from_secs(10),
     );
-    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.status.success(),
+        "{out:?}\nmosquitto on {}: {}",
+        broker.port,
+        broker.log()
+    );
 
     let sub = Sub::connect(
         broker.port,

@@ -56,7 +56,7 @@ impl Mosquitto {
         );
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
 
@@ -82,6 +82,8 @@ impl Mosquitto {
             extra = self.extra,
         )
         .unwrap();
+        // mosquitto appends to its log: only what this start writes says it is running.
+        let log_from = self.log().len();
         let bin = which("mosquitto");
         let child = Command::new(bin)
             .arg("-c")
@@ -96,10 +98,15 @@ impl Mosquitto {
             if child.try_wait().unwrap().is_some() {
                 return false;
             }
-            // A connection to itself (local port = the port asked for, nothing listening)
-            // is not mosquitto.
-            if TcpStream::connect(self.addr())
-                .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+            // Ready when it has said so in its log (after opening its listener) and the port
+            // answers; a connection to itself (local port = the port asked for, nothing
+            // listening) is not mosquitto.
+            if self
+                .log()
+                .get(log_from..)
+                .is_some_and(|l| l.contains(" running"))
+                && TcpStream::connect(self.addr())
+                    .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
             {
                 break;
             }
