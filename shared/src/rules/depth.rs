@@ -785,9 +785,17 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
             y1 = y1.max(px[1]);
         }
         let mm = prof[(r0 + r1) / 2].mm;
-        let area = reg.len() as f32 * mm * mm;
+        let (et, seen) = ((r1 - r0 + 1) as f32, (c1 - c0 + 1) as f32);
+        // A pit cut by the edge of the band (a pore near a toe) shows only part of its width:
+        // it is taken to reach beyond the edge by at most what is seen, so a round pore passes
+        // the shape checks and a sliver running along the edge (a flank artefact) does not.
+        let es = if c0 == 0 || c1 + 1 == m_cols {
+            seen.max(et.min(2.0 * seen))
+        } else {
+            seen
+        };
+        let area = reg.len() as f32 * (es / seen) * mm * mm;
         let diameter = 2.0 * (area / std::f32::consts::PI).sqrt();
-        let (et, es) = ((r1 - r0 + 1) as f32, (c1 - c0 + 1) as f32);
         let aspect = et.max(es) / et.min(es);
         let [dmin, dmax] = r.pore_diameter_mm;
         let centre = [(x0 + x1) / 2.0, (y0 + y1) / 2.0];
