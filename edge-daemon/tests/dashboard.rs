@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::daemon::{collect, spawn_run};
+use common::daemon::{collect, signal, spawn_run};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -72,14 +72,7 @@ impl Daemon {
 
     /// SIGTERM, as systemd stops it, and wait for it to exit.
     fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        assert!(signal(&self.child, "-TERM"));
         let log = self.log.clone();
         let child = &mut self.child;
         wait_for("the daemon to stop after SIGTERM", || {

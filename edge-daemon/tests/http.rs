@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use weld_core::Inspection;
 use weld_core::messages::{DeviceState, Stats, Status};
 use weld_core::synth::{SynthClass, SynthConfig, generate};
 
-use common::daemon::spawn_run;
+use common::daemon::{signal, spawn_run};
 
 /// 32 characters: long enough for the daemon (at least 16).
 const TOKEN: &str = "http-test-token-0123456789abcdef";
@@ -154,14 +154,7 @@ impl Daemon {
     }
 
     fn signal_term(&self) {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        assert!(signal(&self.child, "-TERM"));
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
@@ -398,6 +391,29 @@ struct Upload {
     rgb_png: Vec<u8>,
     depth_png: Vec<u8>,
     depth_unit_mm: f32,
+}
+
+impl Upload {
+    /// The form part of its colour image.
+    fn image(&self) -> Part<'_> {
+        Part {
+            name: "image",
+            content_type: "image/png",
+            data: &self.rgb_png,
+        }
+    }
+
+    /// The colour and the depth image as form parts.
+    fn parts(&self) -> [Part<'_>; 2] {
+        [
+            self.image(),
+            Part {
+                name: "depth",
+                content_type: "image/png",
+                data: &self.depth_png,
+            },
+        ]
+    }
 }
 
 fn upload(class: SynthClass, seed: u64, width: u32, height: u32) -> Upload {
@@ -655,22 +671,7 @@ fn inspect_classifies_an_uploaded_frame() {
     let small = upload(SynthClass::BurnThrough, 7, 128, 96);
     assert!(small.rgb_png.len() + small.depth_png.len() < MAX_BODY - 1024);
     let q = format!("?policy=rules&depth_unit_mm={}", small.depth_unit_mm);
-    let r = d.inspect(
-        &q,
-        Some(TOKEN),
-        &[
-            Part {
-                name: "image",
-                content_type: "image/png",
-                data: &small.rgb_png,
-            },
-            Part {
-                name: "depth",
-                content_type: "image/png",
-                data: &small.depth_png,
-            },
-        ],
-    );
+    let r = d.inspect(&q, Some(TOKEN), &small.parts());
     let result: Inspection = r.expect(200).json();
     assert_eq!(result.class, "burn_through", "{}", r.text());
     assert_eq!(result.device, "http-07");
@@ -681,47 +682,18 @@ fn inspect_classifies_an_uploaded_frame() {
     assert!(history.iter().all(|h| h.id != result.id));
 
     // Hybrid (the default) without a model: the rules decide.
-    let r = d.inspect(
-        &q.replace("policy=rules&", ""),
-        Some(TOKEN),
-        &[
-            Part {
-                name: "image",
-                content_type: "image/png",
-                data: &small.rgb_png,
-            },
-            Part {
-                name: "depth",
-                content_type: "image/png",
-                data: &small.depth_png,
-            },
-        ],
-    );
+    let r = d.inspect(&q.replace("policy=rules&", ""), Some(TOKEN), &small.parts());
     let hybrid: Inspection = r.expect(200).json();
     assert_eq!(hybrid.class, "burn_through", "{}", r.text());
 
     // A depth image needs its unit; the unit must make sense.
-    let image = Part {
-        name: "image",
-        content_type: "image/png",
-        data: &small.rgb_png,
-    };
-    let depth = Part {
-        name: "depth",
-        content_type: "image/png",
-        data: &small.depth_png,
-    };
-    let two = [image, depth];
+    let two = small.parts();
     d.inspect("", Some(TOKEN), &two).error(400);
     d.inspect("?depth_unit_mm=0", Some(TOKEN), &two).error(400);
     d.inspect("?depth_unit_mm=abc", Some(TOKEN), &two)
         .error(400);
     // RGB only is enough.
-    let rgb_only = [Part {
-        name: "image",
-        content_type: "image/png",
-        data: &small.rgb_png,
-    }];
+    let rgb_only = [small.image()];
     d.inspect("?policy=rules", Some(TOKEN), &rgb_only)
         .expect(200);
     // Bad policies, bad forms.
@@ -741,11 +713,7 @@ fn inspect_classifies_an_uploaded_frame() {
     );
     // An 8-bit "depth" is refused.
     let wrong_depth = [
-        Part {
-            name: "image",
-            content_type: "image/png",
-            data: &small.rgb_png,
-        },
+        small.image(),
         Part {
             name: "depth",
             content_type: "image/png",
@@ -777,11 +745,7 @@ fn uploads_over_the_limit_are_413_with_json() {
     let mut d = Daemon::start(Setup::default());
     let up = upload(SynthClass::Porosity, 3, WIDTH, HEIGHT);
     assert!(up.rgb_png.len() > MAX_BODY, "a 320x240 PNG is over 64 KiB");
-    let (ct, body) = multipart(&[Part {
-        name: "image",
-        content_type: "image/png",
-        data: &up.rgb_png,
-    }]);
+    let (ct, body) = multipart(&[up.image()]);
     let head = format!(
         "POST /api/v1/inspect HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\n\
          Content-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -904,11 +868,7 @@ fn the_token_guards_changes_and_captures() {
     let mut d = Daemon::start(Setup::default());
     d.wait_results(3);
     let small = upload(SynthClass::Good, 1, 128, 96);
-    let image = [Part {
-        name: "image",
-        content_type: "image/png",
-        data: &small.rgb_png,
-    }];
+    let image = [small.image()];
     // No token, a wrong one, one of another length, a prefix, another scheme: 401.
     d.inspect("", None, &image).error(401);
     for bad in [

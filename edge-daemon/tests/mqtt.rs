@@ -16,7 +16,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::daemon::spawn_run;
+use common::daemon::{signal, spawn_run};
 use common::mosquitto::{Mosquitto, which};
 use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde::de::DeserializeOwned;
@@ -84,15 +84,12 @@ impl Daemon {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
+        let child = self.child.as_ref().unwrap();
         assert!(
-            Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success(),
-            "{}: kill {sig} {pid} failed",
-            self.name
+            signal(child, sig),
+            "{}: kill {sig} {} failed",
+            self.name,
+            child.id()
         );
     }
 

@@ -61,12 +61,7 @@ fn start_daemon(config: &Path, log: &Path, printed: Arc<Mutex<HashSet<Uuid>>>) -
 
 impl Daemon {
     fn signal(&mut self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
+        assert!(common::daemon::signal(&self.child, sig), "kill {sig}");
         let t = Instant::now();
         while self.child.try_wait().unwrap().is_none() {
             assert!(

@@ -107,14 +107,7 @@ fn sigterm_stops_the_demo_source_cleanly() {
         s
     });
     std::thread::sleep(Duration::from_secs(3));
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(common::daemon::signal(&child, "-TERM"));
     let t = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {

@@ -22,6 +22,15 @@ pub fn spawn_run(config: &Path) -> (Child, Arc<Mutex<String>>) {
     (child, log)
 }
 
+/// Sends `sig` (e.g. `-TERM`, `-KILL`) to `child` as a service manager would, with `kill`;
+/// whether it was delivered.
+pub fn signal(child: &Child, sig: &str) -> bool {
+    Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Collects a child's output lines in the background.
 pub fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
     let log = Arc::new(Mutex::new(String::new()));

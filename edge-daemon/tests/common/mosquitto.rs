@@ -85,14 +85,13 @@ impl Mosquitto {
         // mosquitto appends to its log: only what this start writes says it is running.
         let log_from = self.log().len();
         let bin = which("mosquitto");
-        let child = Command::new(bin)
+        let mut child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut child = child;
         let t = Instant::now();
         loop {
             if child.try_wait().unwrap().is_some() {
@@ -125,9 +124,7 @@ impl Mosquitto {
     /// Stops it like a service manager does (SIGTERM) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
+            let _ = super::daemon::signal(&c, "-TERM");
             let t = Instant::now();
             while c.try_wait().unwrap().is_none() {
                 if t.elapsed() > Duration::from_secs(10) {
