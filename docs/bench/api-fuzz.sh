@@ -16,14 +16,8 @@ rm -rf target/api-fuzz
 mkdir -p target/api-fuzz
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >target/api-fuzz/token
 log=target/api-fuzz/daemon.log
-"$BIN" run --config docs/bench/api-fuzz.toml 2>"$log" &
-pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    curl -sf "$BASE/api/v1/results/latest" >/dev/null 2>&1 && break
-    sleep 0.2
-done
-kill -0 $pid 2>/dev/null || { echo "weld-edge did not start; its log:" >&2; cat "$log" >&2; exit 1; }
+source docs/bench/daemon.sh
+start_daemon docs/bench/api-fuzz.toml "$log" "$BASE"
 
 rc=0
 st() {

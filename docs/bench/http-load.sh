@@ -13,29 +13,20 @@ THREADS=${THREADS:-1}
 BASE=http://127.0.0.1:18080
 
 rm -rf target/bench-http-load
-log=target/bench-http-load.log
-"$BIN" run --config docs/bench/http-load.toml 2>"$log" &
-pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
-
-# Ready when the first result is in.
-for _ in $(seq 100); do
-    curl -sf "$BASE/api/v1/results/latest" >/dev/null 2>&1 && break
-    sleep 0.2
-done
-kill -0 $pid 2>/dev/null || { echo "weld-edge did not start; its log:" >&2; cat "$log" >&2; exit 1; }
+source docs/bench/daemon.sh
+start_daemon docs/bench/http-load.toml target/bench-http-load.log "$BASE"
 sleep 5 # past the model's warm-up and the scene pool's first fill
 
-processed() { curl -sf "$BASE/api/v1/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["frames"]["processed"])'; }
-dropped() { curl -sf "$BASE/api/v1/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["frames"]["dropped"])'; }
+# "PROCESSED DROPPED" from one read of the stats.
+counts() { curl -sf "$BASE/api/v1/stats" | python3 -c 'import json,sys; f=json.load(sys.stdin)["frames"]; print(f["processed"], f["dropped"])'; }
 
 window() { # $1: label, rest: command run for the window (or `sleep`)
     local label=$1
     shift
     local p0 d0 t0 p1 d1 t1
-    p0=$(processed); d0=$(dropped); t0=$(date +%s.%N)
+    read -r p0 d0 < <(counts); t0=$(date +%s.%N)
     "$@"
-    p1=$(processed); d1=$(dropped); t1=$(date +%s.%N)
+    read -r p1 d1 < <(counts); t1=$(date +%s.%N)
     python3 -c "print(f'pipeline during $label: {($p1-$p0)/($t1-$t0):.1f} results/s, {$d1-$d0} dropped')"
 }
 
