@@ -104,14 +104,24 @@ impl Thresholds {
     }
 }
 
+/// A threshold key of a change request (HTTP PATCH config, the MQTT `thresholds` command), for
+/// `#[serde(default, deserialize_with = "present_threshold")]`: absent is "unchanged", a key
+/// that is there must hold a number (serde would read `null` as absent). Kept as sent (f64),
+/// so [`change_thresholds`] checks the value the client wrote, not its f32 rounding.
+pub fn present_threshold<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    f64::deserialize(d).map(Some)
+}
+
 /// Changes the running policy's thresholds: the ones given replace the current ones, both
 /// are checked, and nothing changes unless all is valid. `prefix` names the keys in the
-/// errors (`policy` for HTTP, `thresholds` for the MQTT command). Returns the new thresholds,
-/// or every problem found.
+/// errors (`policy` for HTTP, `thresholds` for the MQTT command). A value is checked as sent
+/// and again as the f32 the policy keeps (`1.0000000000000002` is above 1 even though it
+/// rounds to 1; `1e-300` is above 0 but rounds to 0). Returns the new thresholds, or every
+/// problem found.
 pub fn change_thresholds(
     policy: &arc_swap::ArcSwap<Policy>,
-    rules_confident_at: Option<f32>,
-    model_confident_at: Option<f32>,
+    rules_confident_at: Option<f64>,
+    model_confident_at: Option<f64>,
     prefix: &str,
 ) -> Result<Thresholds, String> {
     if rules_confident_at.is_none() && model_confident_at.is_none() {
@@ -119,10 +129,25 @@ pub fn change_thresholds(
             "give {prefix}.rules_confident_at and/or {prefix}.model_confident_at"
         ));
     }
+    let as_sent: Vec<String> = [
+        ("rules_confident_at", rules_confident_at),
+        ("model_confident_at", model_confident_at),
+    ]
+    .into_iter()
+    .filter_map(|(key, v)| Some((key, v?)))
+    .filter(|&(_, v)| !(v > 0.0 && v <= 1.0))
+    .map(|(key, v)| format!("{prefix}.{key} = {v}: must be in (0, 1]"))
+    .collect();
+    if !as_sent.is_empty() {
+        return Err(as_sent.join("; "));
+    }
     let current = policy.load();
+    // Narrowed to the f32 the policy keeps; a value that rounds to 0 is refused below.
     let thresholds = Thresholds {
-        rules_confident_at: rules_confident_at.unwrap_or(current.thresholds.rules_confident_at),
-        model_confident_at: model_confident_at.unwrap_or(current.thresholds.model_confident_at),
+        rules_confident_at: rules_confident_at
+            .map_or(current.thresholds.rules_confident_at, |v| v as f32),
+        model_confident_at: model_confident_at
+            .map_or(current.thresholds.model_confident_at, |v| v as f32),
     };
     let problems = thresholds.problems(prefix);
     if !problems.is_empty() {

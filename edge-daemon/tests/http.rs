@@ -812,6 +812,13 @@ fn patch_config_changes_thresholds_and_refuses_bad_values() {
         (json, r#"{"policy":{"model_confident_at":-0.1}}"#, 400),
         (json, r#"{"policy":{"rules_confident_at":1e39}}"#, 400),
         (json, r#"{"policy":{"rules_confident_at":1e400}}"#, 400),
+        // Out of range as sent, though an f32 would round it into range (to 1), or to 0.
+        (
+            json,
+            r#"{"policy":{"rules_confident_at":1.0000000000000002}}"#,
+            400,
+        ),
+        (json, r#"{"policy":{"rules_confident_at":1e-300}}"#, 400),
         // A valid one beside an invalid one: all or nothing.
         (
             json,

@@ -26,7 +26,7 @@ use weld_core::{DepthMap, Frame, Inspection};
 use super::{AppState, HttpSettings};
 use crate::mqtt::status::{self as device_status, Health};
 use crate::pipeline::inspect_frame;
-use crate::policy::{Policy, PolicyKind, change_thresholds};
+use crate::policy::{Policy, PolicyKind, change_thresholds, present_threshold};
 use crate::store::{CaptureMeta, MAX_QUERY_LIMIT};
 
 type Shared = State<Arc<AppState>>;
@@ -455,6 +455,7 @@ struct InspectForm {
     security(("bearer" = [])),
     responses((status = 200, body = Inspection), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "`policy=model` and no model loaded"),
         (status = 413, body = ErrorBody)))]
 async fn inspect(
     State(state): Shared,
@@ -578,16 +579,10 @@ pub struct ConfigPatch {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyPatch {
-    #[serde(default, deserialize_with = "present")]
-    pub rules_confident_at: Option<f32>,
-    #[serde(default, deserialize_with = "present")]
-    pub model_confident_at: Option<f32>,
-}
-
-/// A key that is there must hold a number: absent is "unchanged", `null` is an error (serde
-/// would otherwise read it as absent).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
-    f32::deserialize(d).map(Some)
+    #[serde(default, deserialize_with = "present_threshold")]
+    pub rules_confident_at: Option<f64>,
+    #[serde(default, deserialize_with = "present_threshold")]
+    pub model_confident_at: Option<f64>,
 }
 
 // PolicyPatch's schema is written out because utoipa-gen 5 emits `min_properties` as

@@ -29,7 +29,7 @@ use weld_core::messages::{CommandReply, MESSAGE_VERSION};
 
 use super::config::Secret;
 use crate::pipeline::Shared;
-use crate::policy::change_thresholds;
+use crate::policy::{change_thresholds, present_threshold};
 
 /// Most frames one `capture` command may ask for (at 60 fps, almost 3 minutes).
 pub const MAX_CAPTURE_FRAMES: u64 = 10_000;
@@ -43,8 +43,10 @@ struct Capture {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SetThresholds {
-    rules_confident_at: Option<f32>,
-    model_confident_at: Option<f32>,
+    #[serde(default, deserialize_with = "present_threshold")]
+    rules_confident_at: Option<f64>,
+    #[serde(default, deserialize_with = "present_threshold")]
+    model_confident_at: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +287,11 @@ mod tests {
             r#""rules_confident_at":"high""#,
             r#""rules_confident":0.5"#,
             r#""request_id":"x""#,
+            // null is not "unchanged", beside a valid value or alone
+            r#""rules_confident_at":null,"model_confident_at":0.9"#,
+            // above 1 as sent, though it rounds to 1.0 as an f32; above 0 but rounds to 0
+            r#""rules_confident_at":1.0000000000000002"#,
+            r#""rules_confident_at":1e-300"#,
         ] {
             let r = send(
                 &sh,
