@@ -88,16 +88,6 @@ impl DepthMap {
             v => Some(f32::from(v) * self.unit_mm),
         }
     }
-
-    /// Share of pixels that carry a depth value, in [0, 1].
-    pub fn valid_fraction(&self) -> f32 {
-        let n = self.values.as_raw().len();
-        if n == 0 {
-            return 0.0;
-        }
-        let valid = self.values.as_raw().iter().filter(|&&v| v != 0).count();
-        valid as f32 / n as f32
-    }
 }
 
 /// What went wrong with a frame, naming the file where there is one.

@@ -167,31 +167,11 @@ fn analyse_binned(frame: &Frame, depth: &DepthMap, r: &DepthRules, bin: usize) -
     let (w, h) = (frame.width() as usize, frame.height() as usize);
     let (bw, bh) = (w / bin, h / bin);
     let (raw, rgb) = (depth.values.as_raw(), frame.rgb().as_raw());
-    let mut dvals = vec![0u16; bw * bh];
-    let mut cvals = vec![0u8; bw * bh * 3];
-    for by in 0..bh {
-        for bx in 0..bw {
-            let (mut s, mut n, mut c) = (0u32, 0u32, [0u32; 3]);
-            for y in by * bin..(by + 1) * bin {
-                for x in bx * bin..(bx + 1) * bin {
-                    let v = raw[y * w + x];
-                    s += u32::from(v);
-                    n += u32::from(v != 0);
-                    for (ch, acc) in c.iter_mut().enumerate() {
-                        *acc += u32::from(rgb[3 * (y * w + x) + ch]);
-                    }
-                }
-            }
-            let q = by * bw + bx;
-            if 2 * n as usize >= bin * bin {
-                dvals[q] = ((s + n / 2) / n) as u16;
-            }
-            let area = (bin * bin) as u32;
-            for ch in 0..3 {
-                cvals[3 * q + ch] = ((c[ch] + area / 2) / area) as u8;
-            }
-        }
-    }
+    let (dvals, cvals) = match bin {
+        2 => bin_pixels::<2>(raw, rgb, w, bw, bh),
+        3 => bin_pixels::<3>(raw, rgb, w, bw, bh),
+        _ => bin_pixels::<4>(raw, rgb, w, bw, bh),
+    };
     let (Some(values), Some(rgb)) = (
         crate::frame::DepthImage::from_raw(bw as u32, bh as u32, dvals),
         image::RgbImage::from_raw(bw as u32, bh as u32, cvals),
@@ -236,11 +216,61 @@ fn analyse_binned(frame: &Frame, depth: &DepthMap, r: &DepthRules, bin: usize) -
     }
 }
 
+/// The depth (`raw`, `w` wide) and RGB binned `B` x `B` into `bw` x `bh`: depth the rounded mean
+/// of the valid values where at least half are valid (else 0), RGB the rounded mean. `B` is a
+/// constant so the loops over a bin unroll (this pass reads every pixel of a large frame).
+fn bin_pixels<const B: usize>(
+    raw: &[u16],
+    rgb: &[u8],
+    w: usize,
+    bw: usize,
+    bh: usize,
+) -> (Vec<u16>, Vec<u8>) {
+    let mut dvals = vec![0u16; bw * bh];
+    let mut cvals = vec![0u8; bw * bh * 3];
+    let (mut s, mut n, mut c) = (vec![0u32; bw], vec![0u32; bw], vec![0u32; 3 * bw]);
+    let area = (B * B) as u32;
+    for by in 0..bh {
+        s.fill(0);
+        n.fill(0);
+        c.fill(0);
+        for y in by * B..(by + 1) * B {
+            let drow = &raw[y * w..y * w + bw * B];
+            for ((cell, s), n) in drow.chunks_exact(B).zip(&mut s).zip(&mut n) {
+                for &v in cell {
+                    *s += u32::from(v);
+                    *n += u32::from(v != 0);
+                }
+            }
+            let crow = &rgb[3 * y * w..3 * (y * w + bw * B)];
+            for (cell, acc) in crow.chunks_exact(3 * B).zip(c.chunks_exact_mut(3)) {
+                for px in cell.chunks_exact(3) {
+                    for (a, &v) in acc.iter_mut().zip(px) {
+                        *a += u32::from(v);
+                    }
+                }
+            }
+        }
+        let (dout, cout) = (
+            &mut dvals[by * bw..(by + 1) * bw],
+            &mut cvals[3 * by * bw..3 * (by + 1) * bw],
+        );
+        for ((d, &s), &n) in dout.iter_mut().zip(&s).zip(&n) {
+            if 2 * n >= area {
+                *d = ((s + n / 2) / n) as u16;
+            }
+        }
+        for (o, &a) in cout.iter_mut().zip(&c) {
+            *o = ((a + area / 2) / area) as u8;
+        }
+    }
+    (dvals, cvals)
+}
+
 fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     let (w, h) = (frame.width() as usize, frame.height() as usize);
-    if depth.valid_fraction() < r.min_valid_fraction {
-        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
-    }
+    // (The share of pixels with depth is checked below, counted in the pass that computes the
+    // heights rather than in a pass of its own; a frame without enough fails either way.)
     let opts = PlaneFitOptions {
         target_samples: 3000,
         iterations: 4,
@@ -265,6 +295,7 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     // Height above the plate at every pixel, mm; NaN where there is no depth.
     let unit = depth.unit_mm;
     let mut hm: Vec<f32> = Vec::with_capacity(w * h);
+    let mut valid = 0usize;
     for (y, raw) in depth.values.as_raw().chunks_exact(w).enumerate() {
         let row0 = pb * y as f32 + pc;
         // Branch-free, so that it vectorises: no return (0) becomes NaN by selection.
@@ -272,6 +303,10 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
             let height = 1.0 / (pa * x as f32 + row0) - f32::from(v) * unit;
             if v == 0 { f32::NAN } else { height }
         }));
+        valid += raw.iter().filter(|&&v| v != 0).count();
+    }
+    if (valid as f32 / (w * h).max(1) as f32) < r.min_valid_fraction {
+        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
     }
 
     // --- the bead on a coarse grid of ~1 mm cells
@@ -280,23 +315,15 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     if gw < 4 || gh < 4 {
         return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
     }
-    let mut gsum = vec![0.0f32; gw * gh];
-    let mut gcnt = vec![0u32; gw * gh];
-    for (y, row) in hm.chunks_exact(w).take(gh * k).enumerate() {
-        let (sums, cnts) = (&mut gsum[(y / k) * gw..], &mut gcnt[(y / k) * gw..]);
-        for ((cell, s), n) in row
-            .chunks_exact(k)
-            .zip(sums.iter_mut())
-            .zip(cnts.iter_mut())
-        {
-            for &v in cell {
-                // (NaN and depth far behind the plate are left out.)
-                let ok = v > -r.hole_far_mm;
-                *s += if ok { v } else { 0.0 };
-                *n += u32::from(ok);
-            }
-        }
-    }
+    let (gsum, gcnt) = match k {
+        2 => cell_sums::<2>(&hm, w, gw, gh, -r.hole_far_mm),
+        3 => cell_sums::<3>(&hm, w, gw, gh, -r.hole_far_mm),
+        4 => cell_sums::<4>(&hm, w, gw, gh, -r.hole_far_mm),
+        5 => cell_sums::<5>(&hm, w, gw, gh, -r.hole_far_mm),
+        6 => cell_sums::<6>(&hm, w, gw, gh, -r.hole_far_mm),
+        7 => cell_sums::<7>(&hm, w, gw, gh, -r.hole_far_mm),
+        _ => cell_sums::<8>(&hm, w, gw, gh, -r.hole_far_mm),
+    };
     let grid: Vec<f32> = gsum
         .iter()
         .zip(&gcnt)
@@ -380,17 +407,21 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
         raw: vec![f32::NAN; rows * cols],
         smooth: vec![f32::NAN; rows * cols],
     };
-    for i in 0..rows {
-        for j in 0..cols {
+    // Nearest pixel: +0.5 then truncation (a floor for the non-negative values kept) instead
+    // of `round`, which is a library call on baseline x86_64. The casts go through i32, which
+    // is one instruction where a float-to-usize cast is several.
+    let (wf, hf) = (w as f32, h as f32);
+    let mut raw = std::mem::take(&mut strip.raw);
+    for (i, out) in raw.chunks_exact_mut(cols).enumerate() {
+        for (j, o) in out.iter_mut().enumerate() {
             let p = strip.pixel(i as f32, j as f32);
-            // Nearest pixel: +0.5 then truncation (a floor for the non-negative values kept)
-            // instead of `round`, which is a library call on baseline x86_64 and aarch64.
             let (x, y) = (p[0] + 0.5, p[1] + 0.5);
-            if x >= 0.0 && y >= 0.0 && (x as usize) < w && (y as usize) < h {
-                strip.raw[i * cols + j] = hm[y as usize * w + x as usize];
+            if x >= 0.0 && y >= 0.0 && x < wf && y < hf {
+                *o = hm[(y as i32) as usize * w + (x as i32) as usize];
             }
         }
     }
+    strip.raw = raw;
     fill_isolated(&mut strip.raw, rows, cols);
     smooth3(&strip.raw, &mut strip.smooth, rows, cols);
     let sigma_s = sigma / 3.0; // 3x3 mean of independent noise
@@ -435,29 +466,25 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
         .collect();
     let clean_width = median(&mut clean);
     let half_win = ((2.0 / centre_mm).round() as usize).max(2);
+    let toes = |pick: fn(&RawRow) -> Toe, clean_only: bool| -> Vec<f32> {
+        let pos: Vec<f32> = raw_rows
+            .iter()
+            .map(|q| {
+                let t = pick(q);
+                if !clean_only || t.clean() {
+                    t.pos
+                } else {
+                    f32::NAN
+                }
+            })
+            .collect();
+        running_medians(&pos, half_win, 3)
+    };
+    let (lc, rc) = (toes(|q| q.left, true), toes(|q| q.right, true));
+    let (la, ra) = (toes(|q| q.left, false), toes(|q| q.right, false));
     let mut prof: Vec<Row> = Vec::with_capacity(rows);
-    let (mut lc, mut rc, mut la, mut ra) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let med3 = |v: &mut Vec<f32>| if v.len() >= 3 { median(v) } else { f32::NAN };
     for i in 0..rows {
-        for b in [&mut lc, &mut rc, &mut la, &mut ra] {
-            b.clear();
-        }
-        for q in &raw_rows[i.saturating_sub(half_win)..(i + half_win + 1).min(rows)] {
-            if q.left.clean() {
-                lc.push(q.left.pos);
-            }
-            if q.right.clean() {
-                rc.push(q.right.pos);
-            }
-            if q.left.pos.is_finite() {
-                la.push(q.left.pos);
-            }
-            if q.right.pos.is_finite() {
-                ra.push(q.right.pos);
-            }
-        }
-        let (l_clean, r_clean, l_any, r_any) =
-            (med3(&mut lc), med3(&mut rc), med3(&mut la), med3(&mut ra));
+        let (l_clean, r_clean, l_any, r_any) = (lc[i], rc[i], la[i], ra[i]);
         let (left, right) = match (
             l_clean.is_finite(),
             r_clean.is_finite(),
@@ -554,6 +581,14 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
             (a.min(z.0), b.max(z.1))
         });
     let (band_lo, band_hi) = (band_lo - reach - 1.0, band_hi + reach + 1.0);
+    // Columns inside every row's zone: a raised pixel there is bead, not spatter, whatever its
+    // row (most raised pixels are the bead's, and this skips looking up their row's zone).
+    let (inner_lo, inner_hi) = zones
+        .iter()
+        .fold((f32::NEG_INFINITY, f32::INFINITY), |(a, b), z| {
+            (a.max(z.0), b.min(z.1))
+        });
+    let (inner_lo, inner_hi) = (inner_lo - margin_sp, inner_hi + margin_sp);
     for y in 0..h {
         // Across-bead column at pixel x of this row: c0 + x * nrm[0].
         let c0 = (y as f32 - strip.origin[1]) * strip.nrm[1] - strip.origin[0] * strip.nrm[0]
@@ -577,7 +612,11 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
                 continue;
             }
             let (ri, cj) = strip.coords(x as f32, y as f32);
-            let (l, rt) = zone(ri.round().clamp(0.0, rows as f32 - 1.0) as usize);
+            if !hole && cj >= inner_lo && cj <= inner_hi {
+                continue;
+            }
+            // Nearest row: +0.5 and truncation (`round` is a library call, see the strip).
+            let (l, rt) = zone((ri + 0.5).max(0.0) as usize);
             if hole {
                 let inside = cj >= l - margin_bt && cj <= rt + margin_bt;
                 // Far returns and no returns are labelled apart: a far hole is a hole however it
@@ -720,41 +759,35 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
         .collect();
     let centre_line = fit_centre_line(&clean_centre);
     // Pits are looked for in the heights averaged over 3 samples along the bead only: smoothing
-    // across as well would halve the depth of a pore 3 px wide.
-    let mut along = vec![f32::NAN; rows * cols];
-    for i in 1..rows.saturating_sub(1) {
-        for j in 0..cols {
-            let (a, b, c) = (
-                strip.raw[(i - 1) * cols + j],
-                strip.raw[i * cols + j],
-                strip.raw[(i + 1) * cols + j],
-            );
-            along[i * cols + j] = (a + b + c) / 3.0; // NaN if any is missing
+    // across as well would halve the depth of a pore 3 px wide. Only the few samples the
+    // resampling reads are averaged, not the whole strip.
+    let along = |i: usize, j: usize| {
+        if i == 0 || i + 1 >= rows {
+            return f32::NAN;
         }
-    }
+        let (a, b, c) = (
+            strip.raw[(i - 1) * cols + j],
+            strip.raw[i * cols + j],
+            strip.raw[(i + 1) * cols + j],
+        );
+        (a + b + c) / 3.0 // NaN if any is missing
+    };
     let mut bead = vec![f32::NAN; rows * m_cols];
     let mut bead_col = vec![f32::NAN; rows * m_cols];
-    let mut buf = Vec::new();
+    let centres = running_medians(&clean_centre, centre_win, 5);
     for (i, p) in prof.iter().enumerate() {
         if !p.known() {
             continue;
         }
-        buf.clear();
-        buf.extend(
-            clean_centre[i.saturating_sub(centre_win)..(i + centre_win + 1).min(rows)]
-                .iter()
-                .filter(|v| v.is_finite()),
-        );
-        let c = if buf.len() >= 5 {
-            median(&mut buf)
+        let c = if centres[i].is_finite() {
+            centres[i]
         } else {
             centre_line(i as f32)
         };
-        let line = &along[i * cols..(i + 1) * cols];
         for m in 0..m_cols {
             let col = c + u_at(m) * half_med;
             bead_col[i * m_cols + m] = col;
-            let v = lerp_at(line, col);
+            let v = lerp_with(cols, col, |j| along(i, j));
             // Depth far behind the plate is seen through a hole: not a surface to find pits in.
             bead[i * m_cols + m] = if v > -r.hole_far_mm { v } else { f32::NAN };
         }
@@ -946,6 +979,36 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     }
 }
 
+/// Sums and counts of the heights above `floor` (NaN and depth far behind the plate left out)
+/// in `K` x `K` cells of the `w`-wide height map, `gw` x `gh` cells. `K` is a constant so the
+/// loop over a cell's row unrolls: the cells are 2-8 pixels wide and this pass reads every
+/// pixel of the frame.
+fn cell_sums<const K: usize>(
+    hm: &[f32],
+    w: usize,
+    gw: usize,
+    gh: usize,
+    floor: f32,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut gsum = vec![0.0f32; gw * gh];
+    let mut gcnt = vec![0u32; gw * gh];
+    for (y, row) in hm.chunks_exact(w).take(gh * K).enumerate() {
+        let (sums, cnts) = (&mut gsum[(y / K) * gw..], &mut gcnt[(y / K) * gw..]);
+        for ((cell, s), n) in row
+            .chunks_exact(K)
+            .zip(sums.iter_mut())
+            .zip(cnts.iter_mut())
+        {
+            for &v in cell {
+                let ok = v > floor;
+                *s += if ok { v } else { 0.0 };
+                *n += u32::from(ok);
+            }
+        }
+    }
+    (gsum, gcnt)
+}
+
 /// How far each sample lies below its local surface along the bead (mm, positive = pit):
 /// per column of `grid` (`rows` x `cols`), the reference is the mean over `±window` rows of the
 /// samples not more than `trim` below the plain window mean, so a pit does not pull its own
@@ -953,52 +1016,74 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
 /// computed every [`REF_STEP`] rows and interpolated between. NaN where there is no sample or
 /// too few neighbours.
 fn pit_residuals(grid: &[f32], rows: usize, cols: usize, window: usize, trim: f32) -> Vec<f32> {
-    // Column-wise prefix sums (NaN skipped) give each window's plain mean in O(1).
+    // Column-wise prefix sums (NaN skipped) give each window's plain mean in O(1). All loops
+    // run along rows of the grid (every column at once), so they read memory in order and
+    // vectorise; each column's arithmetic is the same as a loop down that column.
     let mut psum = vec![0.0f64; (rows + 1) * cols];
     let mut pcnt = vec![0u32; (rows + 1) * cols];
     for i in 0..rows {
+        let (done, next) = psum.split_at_mut((i + 1) * cols);
+        let (cdone, cnext) = pcnt.split_at_mut((i + 1) * cols);
+        let (prev, cprev) = (&done[i * cols..], &cdone[i * cols..]);
         for j in 0..cols {
             let v = grid[i * cols + j];
             let ok = v.is_finite();
-            psum[(i + 1) * cols + j] = psum[i * cols + j] + if ok { f64::from(v) } else { 0.0 };
-            pcnt[(i + 1) * cols + j] = pcnt[i * cols + j] + u32::from(ok);
+            next[j] = prev[j] + if ok { f64::from(v) } else { 0.0 };
+            cnext[j] = cprev[j] + u32::from(ok);
         }
     }
-    let reference = |i: usize, j: usize| -> f32 {
+    // The reference of every column at row `i`, written into `out`.
+    let (mut s2, mut n2, mut m1) = (vec![0.0f32; cols], vec![0u32; cols], vec![0.0f32; cols]);
+    let mut reference = |i: usize, out: &mut [f32]| {
         let (a, b) = (i.saturating_sub(window), (i + window + 1).min(rows));
-        let n1 = pcnt[b * cols + j] - pcnt[a * cols + j];
-        if n1 < 3 {
-            return f32::NAN;
+        for j in 0..cols {
+            let n1 = pcnt[b * cols + j] - pcnt[a * cols + j];
+            m1[j] = ((psum[b * cols + j] - psum[a * cols + j]) / f64::from(n1.max(1))) as f32;
+            s2[j] = 0.0;
+            n2[j] = 0;
         }
-        let m1 = ((psum[b * cols + j] - psum[a * cols + j]) / f64::from(n1)) as f32;
-        let (mut s2, mut n2) = (0.0f32, 0u32);
         for ii in a..b {
-            let u = grid[ii * cols + j];
-            if u >= m1 - trim {
-                s2 += u;
-                n2 += 1;
+            let line = &grid[ii * cols..(ii + 1) * cols];
+            for j in 0..cols {
+                let u = line[j];
+                let keep = u >= m1[j] - trim; // false for NaN
+                s2[j] += if keep { u } else { 0.0 };
+                n2[j] += u32::from(keep);
             }
         }
-        if n2 >= 3 { s2 / n2 as f32 } else { f32::NAN }
+        for j in 0..cols {
+            let n1 = pcnt[b * cols + j] - pcnt[a * cols + j];
+            out[j] = if n1 >= 3 && n2[j] >= 3 {
+                s2[j] / n2[j] as f32
+            } else {
+                f32::NAN
+            };
+        }
     };
     let knots: Vec<usize> = (0..rows).step_by(REF_STEP).chain([rows - 1]).collect();
+    let mut refs = vec![0.0f32; knots.len() * cols];
+    for (k, &i) in knots.iter().enumerate() {
+        reference(i, &mut refs[k * cols..(k + 1) * cols]);
+    }
     let mut resid = vec![f32::NAN; rows * cols];
-    for j in 0..cols {
-        let refs: Vec<f32> = knots.iter().map(|&i| reference(i, j)).collect();
-        for (k, pair) in knots.windows(2).enumerate() {
-            let (i0, i1) = (pair[0], pair[1]);
-            for i in i0..=i1 {
+    for (k, pair) in knots.windows(2).enumerate() {
+        let (i0, i1) = (pair[0], pair[1]);
+        let (r0, r1) = (
+            &refs[k * cols..(k + 1) * cols],
+            &refs[(k + 1) * cols..(k + 2) * cols],
+        );
+        for i in i0..=i1 {
+            let f = if i1 > i0 {
+                (i - i0) as f32 / (i1 - i0) as f32
+            } else {
+                0.0
+            };
+            for j in 0..cols {
                 let v = grid[i * cols + j];
-                if !v.is_finite() {
-                    continue;
+                if v.is_finite() {
+                    let r = r0[j] + (r1[j] - r0[j]) * f;
+                    resid[i * cols + j] = r - v;
                 }
-                let f = if i1 > i0 {
-                    (i - i0) as f32 / (i1 - i0) as f32
-                } else {
-                    0.0
-                };
-                let r = refs[k] + (refs[k + 1] - refs[k]) * f;
-                resid[i * cols + j] = r - v;
             }
         }
     }
@@ -1086,14 +1171,23 @@ fn near_hole(zones: &[[f32; 4]], p: [f32; 2]) -> bool {
 
 /// Linear interpolation of `line` at fractional index `x`; NaN outside or next to no depth.
 fn lerp_at(line: &[f32], x: f32) -> f32 {
-    if x.is_nan() || x < 0.0 || x > (line.len() - 1) as f32 {
+    lerp_with(line.len(), x, |i| line[i])
+}
+
+/// [`lerp_at`] over `len` samples read through `at`.
+fn lerp_with(len: usize, x: f32, at: impl Fn(usize) -> f32) -> f32 {
+    if len == 0 || x.is_nan() || x < 0.0 || x > (len - 1) as f32 {
         return f32::NAN;
     }
-    let i = x.floor() as usize;
+    // Truncation is the floor here (x >= 0), without the library call `floor` is on baseline
+    // x86_64.
+    let i = x as usize;
     let f = x - i as f32;
-    match line.get(i + 1) {
-        Some(&b) if f > 0.0 => line[i] + (b - line[i]) * f,
-        _ => line[i],
+    if f > 0.0 && i + 1 < len {
+        let (a, b) = (at(i), at(i + 1));
+        a + (b - a) * f
+    } else {
+        at(i)
     }
 }
 
@@ -1248,6 +1342,41 @@ fn pixel_bbox(reg: &[usize], w: usize) -> [u32; 4] {
     ]
 }
 
+/// Per index `i`, the median of the finite values among `values[i - half..=i + half]` (clipped
+/// to the slice), NaN where fewer than `min_count` are finite: what [`median`] gives for each
+/// window, from one sorted window slid along instead of a selection per index.
+fn running_medians(values: &[f32], half: usize, min_count: usize) -> Vec<f32> {
+    let mut window: Vec<f32> = Vec::with_capacity(2 * half + 1);
+    let insert = |w: &mut Vec<f32>, v: f32| {
+        if v.is_finite() {
+            let at = w.partition_point(|x| x.total_cmp(&v).is_lt());
+            w.insert(at, v);
+        }
+    };
+    for &v in values.iter().take(half) {
+        insert(&mut window, v);
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for i in 0..values.len() {
+        if let Some(&v) = values.get(i + half) {
+            insert(&mut window, v);
+        }
+        if i > half {
+            let v = values[i - half - 1];
+            if v.is_finite() {
+                let at = window.partition_point(|x| x.total_cmp(&v).is_lt());
+                window.remove(at);
+            }
+        }
+        out.push(if window.len() >= min_count.max(1) {
+            window[window.len() / 2]
+        } else {
+            f32::NAN
+        });
+    }
+    out
+}
+
 /// Median of finite values (reorders `v`); NaN when empty.
 pub(super) fn median(v: &mut [f32]) -> f32 {
     if v.is_empty() {
@@ -1259,4 +1388,36 @@ pub(super) fn median(v: &mut [f32]) -> f32 {
 
 fn round2(v: f32) -> f32 {
     (v * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The sliding window gives what a fresh median of each window gives, NaNs and
+        /// repeated values included.
+        #[test]
+        fn running_medians_match_a_median_per_window(
+            values in proptest::collection::vec(
+                prop_oneof![Just(f32::NAN), Just(1.5f32), -50.0f32..50.0], 0..80),
+            half in 0usize..12,
+            min_count in 0usize..6,
+        ) {
+            let got = running_medians(&values, half, min_count);
+            prop_assert_eq!(got.len(), values.len());
+            for (i, g) in got.iter().enumerate() {
+                let lo = i.saturating_sub(half);
+                let hi = (i + half + 1).min(values.len());
+                let mut w: Vec<f32> =
+                    values[lo..hi].iter().copied().filter(|v| v.is_finite()).collect();
+                let want = if w.len() >= min_count.max(1) { median(&mut w) } else { f32::NAN };
+                prop_assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "index {}: {} against {}", i, g, want
+                );
+            }
+        }
+    }
 }
