@@ -412,14 +412,21 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     // is one instruction where a float-to-usize cast is several.
     let (wf, hf) = (w as f32, h as f32);
     let mut raw = std::mem::take(&mut strip.raw);
-    for (i, out) in raw.chunks_exact_mut(cols).enumerate() {
+    // Per strip row, the columns `a..b` that fall inside the image (one run: a line crosses a
+    // rectangle once), so missing depth is told apart from the image's edge.
+    let mut in_image = vec![(0usize, 0usize); rows];
+    for ((i, out), span) in raw.chunks_exact_mut(cols).enumerate().zip(&mut in_image) {
+        let (mut a, mut b) = (cols, 0);
         for (j, o) in out.iter_mut().enumerate() {
             let p = strip.pixel(i as f32, j as f32);
             let (x, y) = (p[0] + 0.5, p[1] + 0.5);
             if x >= 0.0 && y >= 0.0 && x < wf && y < hf {
                 *o = hm[(y as i32) as usize * w + (x as i32) as usize];
+                a = a.min(j);
+                b = j + 1;
             }
         }
+        *span = (a.min(b), b);
     }
     strip.raw = raw;
     fill_isolated(&mut strip.raw, rows, cols);
@@ -430,7 +437,7 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     let toe_level = r.toe_level_mm.max(4.0 * sigma_s);
     let search = ((core_px * 0.7).ceil() as usize).max(2).min(half_cols);
     let mut raw_rows: Vec<RawRow> = Vec::with_capacity(rows);
-    for i in 0..rows {
+    for (i, &(a, b)) in in_image.iter().enumerate() {
         let line = &strip.smooth[i * cols..(i + 1) * cols];
         let lo = half_cols - search;
         let hi = (half_cols + search).min(cols - 1);
@@ -445,8 +452,24 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
             raw_rows.push(RawRow::NONE);
             continue;
         }
-        let left = walk_to_toe(line, cj, toe_level, -r.hole_far_mm, false);
-        let right = walk_to_toe(line, cj, toe_level, -r.hole_far_mm, true);
+        let walk = ToeWalk {
+            level: toe_level,
+            far: -r.hole_far_mm,
+            rise: 0.5 * crown,
+            ahead: search,
+            beyond_hole: r.bead_min_height_mm,
+        };
+        // Walked within the image only: past its edge nothing is seen, which is not a hole.
+        if !(a..b).contains(&cj) {
+            raw_rows.push(RawRow::NONE);
+            continue;
+        }
+        let shift = |t: Toe| Toe {
+            pos: t.pos + a as f32,
+            ..t
+        };
+        let left = shift(walk_to_toe(&line[a..b], cj - a, walk, false));
+        let right = shift(walk_to_toe(&line[a..b], cj - a, walk, true));
         raw_rows.push(RawRow { left, right, crown });
     }
     let mm_at_row = |i: usize| {
@@ -1191,39 +1214,101 @@ fn lerp_with(len: usize, x: f32, at: impl Fn(usize) -> f32) -> f32 {
     }
 }
 
-/// The toe: the column where the profile first drops to `level` walking from `from`
-/// (fractional, linear between samples), stepping over missing samples and samples below
-/// `far` (seen through a hole: the bead goes on beyond it) and counting the longest such gap;
-/// not found if the strip edge comes first.
-fn walk_to_toe(line: &[f32], from: usize, level: f32, far: f32, right: bool) -> Toe {
+/// How a profile is walked from the crown to a toe.
+#[derive(Clone, Copy)]
+struct ToeWalk {
+    /// Height of the toe (mm above the plate).
+    level: f32,
+    /// Depth below which a sample is seen through a hole (mm, negative).
+    far: f32,
+    /// Height the profile must regain, within `ahead` samples of a drop to `level`, for the
+    /// drop to be a dip inside the bead rather than its toe.
+    rise: f32,
+    ahead: usize,
+    /// Height that, seen beyond a hole, is still bead (mm above the plate).
+    beyond_hole: f32,
+}
+
+/// The toe: the column where the profile drops to `walk.level` for the last time walking from
+/// `from` (fractional, linear between samples), stepping over missing samples and samples
+/// below `walk.far` (seen through a hole: the bead goes on beyond it) and counting the longest
+/// such gap; not found if the strip edge comes first. A drop after which the profile rises
+/// back to `walk.rise` within `walk.ahead` samples is a dip inside the bead (the sagging crater
+/// around a hole, a pore near the toe), not the toe: the bead only ends where the plate
+/// begins. Beyond a hole the bead counts as going on where it stands above `walk.beyond_hole`;
+/// a drop followed by a hole (depth seen through the plate) and no bead beyond gives no toe:
+/// the bead's end is not seen.
+fn walk_to_toe(line: &[f32], from: usize, walk: ToeWalk, right: bool) -> Toe {
+    let step = |j: usize| -> Option<usize> {
+        if right {
+            (j + 1 < line.len()).then_some(j + 1)
+        } else {
+            j.checked_sub(1)
+        }
+    };
+    let missing = |v: f32| v.is_nan() || v <= walk.far;
     let mut prev = (from, line[from]);
     let mut j = from;
     let (mut gap, mut longest) = (0, 0);
     loop {
-        if right {
-            if j + 1 >= line.len() {
-                return Toe::NONE;
-            }
-            j += 1;
-        } else {
-            if j == 0 {
-                return Toe::NONE;
-            }
-            j -= 1;
-        }
+        let Some(next) = step(j) else {
+            return Toe::NONE;
+        };
+        j = next;
         let v = line[j];
-        if v.is_nan() || v <= far {
+        if missing(v) {
             gap += 1;
             longest = longest.max(gap);
             continue;
         }
         gap = 0;
-        if v <= level {
+        if v <= walk.level {
+            // Look beyond the drop for the bead going on; the missing samples crossed on the
+            // way count as a gap like any other.
+            let (mut k, mut run, mut crossed) = (j, 0, 0);
+            let (mut again, mut through_hole) = (None, false);
+            for _ in 0..walk.ahead {
+                let Some(n) = step(k) else { break };
+                k = n;
+                let u = line[k];
+                if missing(u) {
+                    run += 1;
+                    crossed = crossed.max(run);
+                    through_hole |= u <= walk.far; // depth seen through the plate
+                    continue;
+                }
+                run = 0;
+                // The bead regains height; or, past a hole, it is still above the plate (the
+                // sagging far side of a crater).
+                if u > walk.rise || (crossed > MAX_TOE_GAP && u > walk.beyond_hole) {
+                    again = Some(k);
+                    break;
+                }
+            }
+            if let Some(k) = again {
+                longest = longest.max(crossed);
+                prev = (k, line[k]);
+                j = k;
+                continue;
+            }
+            if through_hole && crossed > MAX_TOE_GAP {
+                // A hole right beyond the drop: the bead may go on past it, so where it ends is
+                // not seen in this profile. (Missing depth alone is common beside a toe, on
+                // glare, and leaves the drop as the toe.)
+                return Toe {
+                    pos: f32::NAN,
+                    gap: crossed,
+                };
+            }
             let (pj, pv) = prev;
-            let frac = if pv > v { (pv - level) / (pv - v) } else { 0.0 };
-            let step = j as f32 - pj as f32;
+            let frac = if pv > v {
+                (pv - walk.level) / (pv - v)
+            } else {
+                0.0
+            };
+            let span = j as f32 - pj as f32;
             return Toe {
-                pos: pj as f32 + frac.clamp(0.0, 1.0) * step,
+                pos: pj as f32 + frac.clamp(0.0, 1.0) * span,
                 gap: longest,
             };
         }
@@ -1394,6 +1479,68 @@ fn round2(v: f32) -> f32 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    const WALK: ToeWalk = ToeWalk {
+        level: 0.15,
+        far: -3.0,
+        rise: 1.0,
+        ahead: 8,
+        beyond_hole: 0.6,
+    };
+    const N: f32 = f32::NAN;
+
+    /// Walks right from index 0 (the crown).
+    fn toe(profile: &[f32]) -> Toe {
+        walk_to_toe(profile, 0, WALK, true)
+    }
+
+    #[test]
+    fn the_toe_is_where_the_flank_meets_the_plate() {
+        let t = toe(&[2.0, 1.5, 1.0, 0.5, 0.25, 0.05, 0.0, 0.0]);
+        assert!((t.pos - 4.5).abs() < 1e-6, "{}", t.pos);
+        assert!(t.clean());
+        // Walking left finds the mirror toe.
+        let t = walk_to_toe(&[0.0, 0.05, 0.25, 0.5, 2.0], 4, WALK, false);
+        assert!((t.pos - 1.5).abs() < 1e-6, "{}", t.pos);
+        // No plate before the strip's edge: no toe.
+        assert!(toe(&[2.0, 1.5, 1.0]).pos.is_nan());
+    }
+
+    #[test]
+    fn a_dip_inside_the_bead_is_not_its_toe() {
+        // The sagging crater next to a hole drops to the plate and the bead rises again.
+        let t = toe(&[2.0, 1.0, 0.1, 0.1, 1.4, 1.5, 0.5, 0.05, 0.0, 0.0]);
+        assert!((t.pos - (6.0 + 0.35 / 0.45)).abs() < 1e-5, "{}", t.pos);
+        assert!(t.clean());
+        // A droplet beside the toe, lower than half the crown, is beyond the toe.
+        let t = toe(&[2.0, 1.0, 0.05, 0.0, 0.6, 0.7, 0.0, 0.0]);
+        assert!((t.pos - (1.0 + 0.85 / 0.95)).abs() < 1e-5, "{}", t.pos);
+    }
+
+    #[test]
+    fn missing_depth_beside_the_toe_leaves_the_toe_clean() {
+        // Glare on the plate: no returns just beyond the toe, then the plate.
+        let t = toe(&[2.0, 1.0, 0.3, 0.1, N, N, N, N, N, 0.0, 0.0]);
+        assert!(t.pos > 2.0 && t.pos < 3.0, "{}", t.pos);
+        assert!(t.clean());
+    }
+
+    #[test]
+    fn a_hole_beyond_a_drop_hides_the_toe_or_is_crossed() {
+        // Depth seen through a hole right after the drop, plate beyond: the bead's end is not
+        // seen in this profile.
+        let t = toe(&[
+            2.0, 1.0, 0.1, -9.0, -9.0, -9.0, -9.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ]);
+        assert!(t.pos.is_nan() && !t.clean());
+        // Sagged bead beyond the hole: the walk goes on to the far toe, across a gap.
+        let t = toe(&[
+            2.0, 1.0, 0.1, -9.0, -9.0, -9.0, -9.0, 0.8, 0.4, 0.05, 0.0, 0.0,
+        ]);
+        assert!(t.pos > 8.0 && t.pos < 9.0, "{}", t.pos);
+        assert_eq!(t.gap, 4);
+        assert!(!t.clean());
+    }
 
     proptest! {
         /// The sliding window gives what a fresh median of each window gives, NaNs and
