@@ -1,8 +1,9 @@
 //! `weld-core`: the parts of the weld inspection system that the edge daemon and the trainer
 //! share. No async, no inference runtime, no storage engine: frames, the dataset format,
-//! preprocessing, result and manifest types, and the synthetic RGB-D weld generator.
+//! preprocessing, result and manifest types, signed model bundles, and the synthetic RGB-D weld generator.
 //! See ARCHITECTURE.md for the crate map.
 
+pub mod bundle;
 pub mod dataset;
 pub mod frame;
 pub mod fsutil;

@@ -1,0 +1,479 @@
+//! Model bundles (DESIGN.md "Model bundle"): one uncompressed tar holding `manifest.json`,
+//! `model.onnx` and `manifest.sig`, an ed25519 signature of the manifest's exact bytes. The
+//! manifest carries the ONNX file's sha256, so the signature covers the model too.
+//!
+//! What this module checks is what needs no inference runtime: the tar's layout and sizes,
+//! the manifest, the signature against trusted keys and the ONNX hash. Whether the model
+//! loads and its input and outputs fit the manifest is checked by whoever runs it.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::manifest::{ManifestError, ModelManifest};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const MODEL_FILE: &str = "model.onnx";
+pub const SIGNATURE_FILE: &str = "manifest.sig";
+
+/// Largest manifest accepted: manifests are a few kB; this bounds memory on hostile input.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// Largest ONNX file accepted (a ResNet50 in f32 is ~100 MB).
+pub const MAX_MODEL_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, Error)]
+pub enum BundleError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "not a model bundle (an uncompressed tar of {MANIFEST_FILE}, {MODEL_FILE} and \
+         {SIGNATURE_FILE}): {0}"
+    )]
+    NotABundle(String),
+    #[error("the bundle has no {0}")]
+    Missing(&'static str),
+    #[error("the bundle holds {0} twice")]
+    Duplicate(String),
+    #[error(
+        "the bundle holds {0:?}, which is not part of a bundle ({MANIFEST_FILE}, {MODEL_FILE}, \
+         {SIGNATURE_FILE})"
+    )]
+    Unexpected(String),
+    #[error("{name} is {size} bytes, over the limit of {limit}")]
+    TooLarge { name: String, size: u64, limit: u64 },
+    #[error("{SIGNATURE_FILE} is {0} bytes; an ed25519 signature is 64")]
+    SignatureSize(usize),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("no trusted keys: a bundle can only be verified against at least one public key")]
+    NoTrustedKeys,
+    #[error(
+        "{SIGNATURE_FILE} does not verify with any trusted key (trusted: {trusted}): the bundle \
+         was signed by another key, or its manifest was changed after signing"
+    )]
+    Untrusted { trusted: String },
+    #[error(
+        "{MODEL_FILE} does not match the manifest: its sha256 is {actual}, the manifest says \
+         {expected} (the ONNX was changed or swapped after signing)"
+    )]
+    OnnxMismatch { expected: String, actual: String },
+    #[error("key {}: {detail}", path.display())]
+    Key { path: PathBuf, detail: String },
+}
+
+/// A bundle as read: the manifest parsed and validated, nothing verified yet.
+#[derive(Clone)]
+pub struct Bundle {
+    pub manifest: ModelManifest,
+    /// The exact bytes that were signed.
+    pub manifest_bytes: Vec<u8>,
+    pub onnx: Vec<u8>,
+    pub signature: [u8; 64],
+}
+
+impl fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bundle")
+            .field("name", &self.manifest.name)
+            .field("version", &self.manifest.version)
+            .field("onnx_bytes", &self.onnx.len())
+            .finish()
+    }
+}
+
+/// Hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The short form of a public key shown in messages and listings: its first 8 bytes in hex.
+pub fn key_id(key: &VerifyingKey) -> String {
+    hex::encode(&key.as_bytes()[..8])
+}
+
+impl Bundle {
+    /// Signs `manifest` (its `onnx_sha256` set from `onnx`) with `key`.
+    pub fn sign(
+        mut manifest: ModelManifest,
+        onnx: Vec<u8>,
+        key: &SigningKey,
+    ) -> Result<Bundle, BundleError> {
+        manifest.onnx_sha256 = sha256_hex(&onnx);
+        let problems = manifest.problems();
+        if !problems.is_empty() {
+            return Err(ManifestError::Invalid(problems).into());
+        }
+        let mut manifest_bytes =
+            serde_json::to_vec_pretty(&manifest).map_err(ManifestError::Parse)?;
+        manifest_bytes.push(b'\n');
+        let signature = key.sign(&manifest_bytes).to_bytes();
+        Ok(Bundle {
+            manifest,
+            manifest_bytes,
+            onnx,
+            signature,
+        })
+    }
+
+    /// The bundle as an uncompressed tar (manifest first, so a reader can stop early).
+    pub fn to_tar(&self) -> io::Result<Vec<u8>> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let parts: [(&str, &[u8]); 3] = [
+            (MANIFEST_FILE, &self.manifest_bytes),
+            (MODEL_FILE, &self.onnx),
+            (SIGNATURE_FILE, &self.signature),
+        ];
+        for (name, bytes) in parts {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(self.manifest.created.timestamp().max(0) as u64);
+            header.set_entry_type(tar::EntryType::Regular);
+            builder.append_data(&mut header, name, bytes)?;
+        }
+        builder.into_inner()
+    }
+
+    /// Reads a bundle file.
+    pub fn read(path: &Path) -> Result<Bundle, BundleError> {
+        let file = std::fs::File::open(path).map_err(|source| BundleError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Bundle::from_reader(io::BufReader::new(file))
+    }
+
+    /// Parses a bundle from tar bytes: exactly the three files, regular, each once, within
+    /// the size limits, and a valid manifest.
+    pub fn from_reader(reader: impl Read) -> Result<Bundle, BundleError> {
+        let bad = |e: io::Error| BundleError::NotABundle(e.to_string());
+        let mut archive = tar::Archive::new(reader);
+        let (mut manifest, mut onnx, mut sig) = (None, None, None);
+        for entry in archive.entries().map_err(bad)? {
+            let mut entry = entry.map_err(bad)?;
+            let name = entry.path().map_err(bad)?.to_string_lossy().into_owned();
+            let name = name.trim_start_matches("./").to_string();
+            let kind = entry.header().entry_type();
+            if kind.is_dir() && name.trim_end_matches('/').is_empty() {
+                continue; // the "./" entry some tar tools write
+            }
+            let (slot, limit) = match name.as_str() {
+                MANIFEST_FILE => (&mut manifest, MAX_MANIFEST_BYTES),
+                MODEL_FILE => (&mut onnx, MAX_MODEL_BYTES),
+                SIGNATURE_FILE => (&mut sig, 64),
+                _ => return Err(BundleError::Unexpected(name)),
+            };
+            if !kind.is_file() {
+                return Err(BundleError::NotABundle(format!(
+                    "{name} is not a regular file"
+                )));
+            }
+            if slot.is_some() {
+                return Err(BundleError::Duplicate(name));
+            }
+            let size = entry.size();
+            if size > limit {
+                return Err(BundleError::TooLarge { name, size, limit });
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            entry.read_to_end(&mut bytes).map_err(bad)?;
+            if bytes.len() as u64 != size {
+                return Err(BundleError::NotABundle(format!(
+                    "{name} is cut short: {} of {size} bytes",
+                    bytes.len()
+                )));
+            }
+            *slot = Some(bytes);
+        }
+        let manifest_bytes = manifest.ok_or(BundleError::Missing(MANIFEST_FILE))?;
+        let onnx = onnx.ok_or(BundleError::Missing(MODEL_FILE))?;
+        let sig = sig.ok_or(BundleError::Missing(SIGNATURE_FILE))?;
+        let signature: [u8; 64] = sig
+            .as_slice()
+            .try_into()
+            .map_err(|_| BundleError::SignatureSize(sig.len()))?;
+        let manifest = ModelManifest::from_json(&manifest_bytes)?;
+        Ok(Bundle {
+            manifest,
+            manifest_bytes,
+            onnx,
+            signature,
+        })
+    }
+
+    /// Checks the signature against `trusted` and the ONNX against the manifest's sha256;
+    /// returns the key that signed it.
+    pub fn verify(&self, trusted: &[VerifyingKey]) -> Result<VerifyingKey, BundleError> {
+        if trusted.is_empty() {
+            return Err(BundleError::NoTrustedKeys);
+        }
+        let signature = Signature::from_bytes(&self.signature);
+        let signer = trusted
+            .iter()
+            .find(|k| k.verify(&self.manifest_bytes, &signature).is_ok())
+            .ok_or_else(|| BundleError::Untrusted {
+                trusted: trusted.iter().map(key_id).collect::<Vec<_>>().join(", "),
+            })?;
+        let actual = sha256_hex(&self.onnx);
+        if !actual.eq_ignore_ascii_case(&self.manifest.onnx_sha256) {
+            return Err(BundleError::OnnxMismatch {
+                expected: self.manifest.onnx_sha256.clone(),
+                actual,
+            });
+        }
+        Ok(*signer)
+    }
+}
+
+/// A new signing key from the operating system's random source.
+pub fn generate_key() -> Result<SigningKey, BundleError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| BundleError::Key {
+        path: PathBuf::from("(random source)"),
+        detail: e.to_string(),
+    })?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Key files are one line of hex: the 32-byte secret seed, or the 32-byte public key.
+fn read_hex_key(path: &Path, what: &str) -> Result<[u8; 32], BundleError> {
+    let err = |detail: String| BundleError::Key {
+        path: path.to_owned(),
+        detail,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let bytes = hex::decode(text.trim())
+        .map_err(|e| err(format!("expected 64 hex digits ({what}): {e}")))?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| err(format!("expected 32 bytes ({what}), found {}", bytes.len())))
+}
+
+pub fn read_signing_key(path: &Path) -> Result<SigningKey, BundleError> {
+    Ok(SigningKey::from_bytes(&read_hex_key(
+        path,
+        "an ed25519 secret key",
+    )?))
+}
+
+/// Reads a public key file, or a key given inline as 64 hex digits.
+pub fn read_verifying_key(path_or_hex: &str) -> Result<VerifyingKey, BundleError> {
+    let path = Path::new(path_or_hex);
+    let inline: Option<[u8; 32]> = if path.exists() {
+        None
+    } else {
+        hex::decode(path_or_hex.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+    };
+    let bytes = match inline {
+        Some(b) => b,
+        None => read_hex_key(path, "an ed25519 public key")?,
+    };
+    VerifyingKey::from_bytes(&bytes).map_err(|e| BundleError::Key {
+        path: path.to_owned(),
+        detail: format!("not an ed25519 public key: {e}"),
+    })
+}
+
+/// Writes `NAME.key` (the secret, readable by its owner only) and `NAME.pub` beside it;
+/// refuses to overwrite an existing secret key.
+pub fn write_key_pair(secret_path: &Path, key: &SigningKey) -> Result<PathBuf, BundleError> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BundleError::Io { path, source }
+    };
+    let public_path = secret_path.with_extension("pub");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(secret_path).map_err(io_err(secret_path))?;
+    io::Write::write_all(
+        &mut file,
+        format!("{}\n", hex::encode(key.to_bytes())).as_bytes(),
+    )
+    .map_err(io_err(secret_path))?;
+    file.sync_all().map_err(io_err(secret_path))?;
+    crate::fsutil::write_atomic(
+        &public_path,
+        format!("{}\n", hex::encode(key.verifying_key().as_bytes())).as_bytes(),
+    )
+    .map_err(io_err(&public_path))?;
+    Ok(public_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{InputSpec, Quantization};
+
+    fn manifest() -> ModelManifest {
+        ModelManifest {
+            name: "weld-mbv2".into(),
+            version: "1".into(),
+            created: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default(),
+            architecture: "mobilenet_v2".into(),
+            classes: ["good", "porosity"].map(String::from).to_vec(),
+            input: InputSpec::rgb(224),
+            onnx_sha256: String::new(),
+            quantization: Quantization::F32,
+            metrics: Default::default(),
+            lineage: Default::default(),
+        }
+    }
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn signed() -> Bundle {
+        match Bundle::sign(manifest(), b"not really onnx".to_vec(), &key(1)) {
+            Ok(b) => b,
+            Err(e) => panic!("signing failed: {e}"),
+        }
+    }
+
+    fn tar_of(parts: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, bytes) in parts {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            builder
+                .append_data(&mut header, name, *bytes)
+                .expect("tar into memory");
+        }
+        builder.into_inner().expect("tar into memory")
+    }
+
+    #[test]
+    fn a_signed_bundle_round_trips_and_verifies() {
+        let b = signed();
+        let bytes = b.to_tar().expect("tar");
+        let back = Bundle::from_reader(bytes.as_slice()).expect("reads back");
+        assert_eq!(back.manifest, b.manifest);
+        assert_eq!(back.manifest.onnx_sha256, sha256_hex(b"not really onnx"));
+        let signer = back
+            .verify(&[key(2).verifying_key(), key(1).verifying_key()])
+            .expect("verifies");
+        assert_eq!(signer, key(1).verifying_key());
+    }
+
+    #[test]
+    fn every_kind_of_tampering_is_named() {
+        let b = signed();
+        let trusted = [key(1).verifying_key()];
+        // Another signer.
+        let other = Bundle::sign(manifest(), b.onnx.clone(), &key(3)).expect("signs");
+        let e = other.verify(&trusted).expect_err("wrong key");
+        assert!(matches!(e, BundleError::Untrusted { .. }), "{e}");
+        assert!(e.to_string().contains(&key_id(&trusted[0])), "{e}");
+        // The ONNX swapped after signing.
+        let mut swapped = b.clone();
+        swapped.onnx.push(0);
+        let e = swapped.verify(&trusted).expect_err("changed onnx");
+        assert!(matches!(e, BundleError::OnnxMismatch { .. }), "{e}");
+        // The manifest edited after signing (one class renamed).
+        let text = String::from_utf8(b.manifest_bytes.clone()).expect("utf-8");
+        let edited = text.replace("porosity", "porosite");
+        let tar = tar_of(&[
+            (MANIFEST_FILE, edited.as_bytes()),
+            (MODEL_FILE, &b.onnx),
+            (SIGNATURE_FILE, &b.signature),
+        ]);
+        let e = Bundle::from_reader(tar.as_slice())
+            .expect("still a bundle")
+            .verify(&trusted)
+            .expect_err("edited manifest");
+        assert!(matches!(e, BundleError::Untrusted { .. }), "{e}");
+        assert!(matches!(b.verify(&[]), Err(BundleError::NoTrustedKeys)));
+    }
+
+    #[test]
+    fn malformed_bundles_are_refused_naming_the_problem() {
+        let b = signed();
+        let full = b.to_tar().expect("tar");
+        // Cut short: in the middle of the ONNX.
+        let e = Bundle::from_reader(&full[..full.len() / 2]).expect_err("truncated");
+        assert!(
+            matches!(e, BundleError::NotABundle(_) | BundleError::Missing(_)),
+            "{e}"
+        );
+        let unsigned = tar_of(&[(MANIFEST_FILE, &b.manifest_bytes), (MODEL_FILE, &b.onnx)]);
+        let e = Bundle::from_reader(unsigned.as_slice()).expect_err("unsigned");
+        assert!(e.to_string().contains("no manifest.sig"), "{e}");
+        let extra = tar_of(&[
+            (MANIFEST_FILE, &b.manifest_bytes),
+            (MODEL_FILE, &b.onnx),
+            (SIGNATURE_FILE, &b.signature),
+            ("run.sh", b"rm -rf /"),
+        ]);
+        let e = Bundle::from_reader(extra.as_slice()).expect_err("extra file");
+        assert!(
+            matches!(e, BundleError::Unexpected(ref n) if n == "run.sh"),
+            "{e}"
+        );
+        let short_sig = tar_of(&[
+            (MANIFEST_FILE, &b.manifest_bytes),
+            (MODEL_FILE, &b.onnx),
+            (SIGNATURE_FILE, &b.signature[..10]),
+        ]);
+        let e = Bundle::from_reader(short_sig.as_slice()).expect_err("short signature");
+        assert!(matches!(e, BundleError::SignatureSize(10)), "{e}");
+        let bad_manifest = tar_of(&[
+            (MANIFEST_FILE, b"{\"name\": 1}"),
+            (MODEL_FILE, &b.onnx),
+            (SIGNATURE_FILE, &b.signature),
+        ]);
+        let e = Bundle::from_reader(bad_manifest.as_slice()).expect_err("bad manifest");
+        assert!(matches!(e, BundleError::Manifest(_)), "{e}");
+        let e = Bundle::from_reader(&b"plain text, not a tar at all"[..]).expect_err("not tar");
+        assert!(
+            matches!(e, BundleError::NotABundle(_) | BundleError::Missing(_)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn key_files_round_trip_and_the_secret_is_not_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("line3.key");
+        let k = generate_key().expect("random key");
+        let public = write_key_pair(&secret, &k).expect("writes");
+        assert_eq!(public, dir.path().join("line3.pub"));
+        assert_eq!(
+            read_signing_key(&secret).expect("reads").to_bytes(),
+            k.to_bytes()
+        );
+        let p = public.to_string_lossy().into_owned();
+        assert_eq!(read_verifying_key(&p).expect("reads"), k.verifying_key());
+        let inline = hex::encode(k.verifying_key().as_bytes());
+        assert_eq!(
+            read_verifying_key(&inline).expect("inline"),
+            k.verifying_key()
+        );
+        assert!(write_key_pair(&secret, &generate_key().expect("key")).is_err());
+        assert_eq!(
+            read_signing_key(&secret).expect("reads").to_bytes(),
+            k.to_bytes()
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&secret)
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "secret key readable by others: {mode:o}");
+        }
+        std::fs::write(&secret, "zz\n").expect("write");
+        let e = read_signing_key(&secret).expect_err("not hex");
+        assert!(e.to_string().contains("line3.key"), "{e}");
+    }
+}
