@@ -8,6 +8,9 @@ use clap::{Args, Parser, Subcommand};
 
 use weld_core::rules::RulesConfig;
 
+use weld_core::manifest::{InputSpec, Quantization};
+
+use crate::bundle_cmd::{self, BundleSpec};
 use crate::datasets;
 use crate::rules_cmd::{self, CalibrateOptions};
 
@@ -30,6 +33,90 @@ pub enum Command {
     /// Tune the heuristic detector.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Signing keys for model bundles.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Sign an ONNX model into a bundle (checked to load and fit first), or `bundle verify`.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Bundle {
+        #[command(subcommand)]
+        command: Option<BundleCommand>,
+        #[command(flatten)]
+        create: Option<BundleArgs>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write a new ed25519 key pair: OUT (the secret, readable by its owner only) and OUT with
+    /// the extension `.pub` (the public key devices trust).
+    New {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Check a bundle as a device would before installing it: layout, manifest, signature,
+    /// ONNX hash, and that the model loads and fits its manifest. Exit code 1 names the problem.
+    Verify {
+        bundle: PathBuf,
+        /// A trusted public key: a `.pub` file or 64 hex digits (repeatable).
+        #[arg(long, required = true)]
+        trusted: Vec<String>,
+        /// Inference backend to load the model on.
+        #[arg(long, default_value = "tract")]
+        backend: String,
+    },
+}
+
+/// The input of a model, as a bundle's manifest names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputKind {
+    /// Three colour channels, ImageNet statistics.
+    Rgb,
+    /// Colour plus height above the plate from depth.
+    RgbHeight,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantizationArg {
+    F32,
+    F16,
+    Int8,
+}
+
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    /// The ONNX model.
+    #[arg(long)]
+    pub onnx: PathBuf,
+    /// The secret key (from `keys new`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Output classes in logit order, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub classes: Vec<String>,
+    #[arg(long, value_enum, default_value = "rgb")]
+    pub input: InputKind,
+    /// Input width and height in pixels (square).
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub version: String,
+    #[arg(long, default_value = "mobilenet_v2")]
+    pub architecture: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub quantization: QuantizationArg,
+    /// A JSON object of evaluation figures to record in the manifest.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// The bundle file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,6 +233,49 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             rules_cmd::calibrate(&dataset, base, &out, &opts)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::New { out }) => {
+            bundle_cmd::keys_new(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundle {
+            command:
+                Some(BundleCommand::Verify {
+                    bundle,
+                    trusted,
+                    backend,
+                }),
+            ..
+        } => {
+            bundle_cmd::verify(&bundle, &trusted, &backend)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundle {
+            create: Some(a), ..
+        } => {
+            let spec = BundleSpec {
+                name: a.name,
+                version: a.version,
+                architecture: a.architecture,
+                classes: a.classes,
+                input: match a.input {
+                    InputKind::Rgb => InputSpec::rgb(a.size),
+                    InputKind::RgbHeight => InputSpec::rgb_height(a.size),
+                },
+                quantization: match a.quantization {
+                    QuantizationArg::F32 => Quantization::F32,
+                    QuantizationArg::F16 => Quantization::F16,
+                    QuantizationArg::Int8 => Quantization::Int8,
+                },
+                metrics: a.metrics,
+            };
+            bundle_cmd::create(&a.onnx, spec, &a.key, &a.out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundle { .. } => {
+            anyhow::bail!(
+                "`bundle` needs --onnx, --key, --classes, --name, --version and --out, or `bundle verify`"
+            )
         }
         Command::Dataset(DatasetCommand::Preview {
             dir,

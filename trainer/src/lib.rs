@@ -1,7 +1,9 @@
-//! `weld-trainer`, the desktop companion of the weld inspection system: dataset tools now;
-//! training, evaluation, export, quantization, bundles and push as they land.
+//! `weld-trainer`, the desktop companion of the weld inspection system: dataset tools, rules
+//! calibration and signed model bundles now; training, evaluation, export, quantization and
+//! push as they land.
 //! The binary is a thin `main.rs` over [`cli`].
 
+pub mod bundle_cmd;
 pub mod cli;
 pub mod datasets;
 pub mod rules_cmd;

@@ -1,0 +1,208 @@
+//! `weld-trainer keys new`, `bundle` and `bundle verify` end to end through the real binary,
+//! with the reference models made by PyTorch and ONNX Runtime (`tests/reference-models/`), and
+//! every kind of bad bundle a device must refuse.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use weld_core::bundle::{self, Bundle, MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE};
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weld-trainer"))
+        .args(args)
+        .output()
+        .expect("run weld-trainer")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn reference(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/reference-models")
+        .join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs `bundle verify` and returns (success, output).
+fn verify(bundle: &Path, trusted: &Path) -> (bool, String) {
+    let o = trainer(&["bundle", "verify", s(bundle), "--trusted", s(trusted)]);
+    (o.status.success(), text(&o))
+}
+
+fn tar_of(parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, bytes) in parts {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        builder.append_data(&mut header, name, *bytes).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+#[test]
+fn reference_models_bundle_verify_and_bad_bundles_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("keys/line.key");
+    let o = trainer(&["keys", "new", "--out", s(&key)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let public = dir.path().join("keys/line.pub");
+    let other = dir.path().join("other.key");
+    assert!(
+        trainer(&["keys", "new", "--out", s(&other)])
+            .status
+            .success()
+    );
+    let other_pub = dir.path().join("other.pub");
+    // A second `keys new` on the same file keeps the first key.
+    let before = fs::read(&key).unwrap();
+    assert!(!trainer(&["keys", "new", "--out", s(&key)]).status.success());
+    assert_eq!(fs::read(&key).unwrap(), before);
+
+    // Both reference models, f32 and ONNX Runtime's QDQ int8, bundle and verify.
+    let mut bundles = Vec::new();
+    for (model, q) in [
+        ("mobilenetv2_rgb_3cls_f32.onnx", "f32"),
+        ("mobilenetv2_rgb_3cls_int8_qdq.onnx", "int8"),
+    ] {
+        let out = dir.path().join(format!("{q}.bundle"));
+        let o = trainer(&[
+            "bundle",
+            "--onnx",
+            s(&reference(model)),
+            "--key",
+            s(&key),
+            "--classes",
+            "good,porosity,undercut",
+            "--name",
+            "ref",
+            "--version",
+            q,
+            "--quantization",
+            q,
+            "--out",
+            s(&out),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let (ok, out_text) = verify(&out, &public);
+        assert!(ok, "{out_text}");
+        assert!(out_text.contains("loads and runs on tract"), "{out_text}");
+        bundles.push(out);
+    }
+    let good = Bundle::read(&bundles[0]).unwrap();
+
+    // Refused at `bundle` time, before anything is signed: classes or input that do not fit.
+    for (classes, input, want) in [
+        ("good,porosity", "rgb", "3 logits but 2 class names"),
+        (
+            "a,b,c",
+            "rgb-height",
+            "3 input channels but the input spec lists 4",
+        ),
+    ] {
+        let out = dir.path().join("refused.bundle");
+        let o = trainer(&[
+            "bundle",
+            "--onnx",
+            s(&reference("mobilenetv2_rgb_3cls_f32.onnx")),
+            "--key",
+            s(&key),
+            "--classes",
+            classes,
+            "--input",
+            input,
+            "--name",
+            "x",
+            "--version",
+            "1",
+            "--out",
+            s(&out),
+        ]);
+        assert!(!o.status.success());
+        assert!(text(&o).contains(want), "{}", text(&o));
+        assert!(!out.exists());
+    }
+
+    // Bad bundles a device must refuse, each with its reason.
+    let signing = bundle::read_signing_key(&key).unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        fs::write(&p, bytes).unwrap();
+        p
+    };
+    let unsigned = write(
+        "unsigned.bundle",
+        &tar_of(&[
+            (MANIFEST_FILE, &good.manifest_bytes),
+            (MODEL_FILE, &good.onnx),
+        ]),
+    );
+    let wrong_key = dir.path().join("other-signer.bundle");
+    fs::write(
+        &wrong_key,
+        Bundle::sign(
+            good.manifest.clone(),
+            good.onnx.clone(),
+            &bundle::read_signing_key(&other).unwrap(),
+        )
+        .unwrap()
+        .to_tar()
+        .unwrap(),
+    )
+    .unwrap();
+    let int8 = fs::read(reference("mobilenetv2_rgb_3cls_int8_qdq.onnx")).unwrap();
+    let tampered = write(
+        "tampered.bundle",
+        &tar_of(&[
+            (MANIFEST_FILE, &good.manifest_bytes),
+            (MODEL_FILE, &int8),
+            (SIGNATURE_FILE, &good.signature),
+        ]),
+    );
+    let mut four = good.manifest.clone();
+    four.classes.push("spatter".into());
+    let wrong_classes = write(
+        "wrong-classes.bundle",
+        &Bundle::sign(four, good.onnx.clone(), &signing)
+            .unwrap()
+            .to_tar()
+            .unwrap(),
+    );
+    let not_onnx = write(
+        "not-onnx.bundle",
+        &Bundle::sign(good.manifest.clone(), b"garbage".to_vec(), &signing)
+            .unwrap()
+            .to_tar()
+            .unwrap(),
+    );
+    let full = fs::read(&bundles[0]).unwrap();
+    let truncated = write("truncated.bundle", &full[..full.len() - 4096]);
+    for (path, trusted, want) in [
+        (&unsigned, &public, "no manifest.sig"),
+        (&wrong_key, &public, "does not verify with any trusted key"),
+        (
+            &bundles[0],
+            &other_pub,
+            "does not verify with any trusted key",
+        ),
+        (&tampered, &public, "model.onnx does not match the manifest"),
+        (&wrong_classes, &public, "3 logits but 4 class names"),
+        (&not_onnx, &public, "not an ONNX protobuf"),
+        (&truncated, &public, "cut short"),
+    ] {
+        let (ok, out) = verify(path, trusted);
+        assert!(!ok, "{} verified", path.display());
+        assert!(out.contains(want), "{}: {out}", path.display());
+    }
+}
