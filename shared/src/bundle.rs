@@ -179,7 +179,9 @@ impl Bundle {
             if size > limit {
                 return Err(BundleError::TooLarge { name, size, limit });
             }
-            let mut bytes = Vec::with_capacity(size as usize);
+            // The header's size is only a claim until the bytes arrive: reserve a bounded
+            // amount, so a cut-short or hostile bundle costs what it holds, not what it says.
+            let mut bytes = Vec::with_capacity(size.min(16 << 20) as usize);
             entry.read_to_end(&mut bytes).map_err(bad)?;
             if bytes.len() as u64 != size {
                 return Err(BundleError::NotABundle(format!(
