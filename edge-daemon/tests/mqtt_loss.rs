@@ -29,6 +29,8 @@ use weld_edge::store::{Store, StoreConfig};
 /// A `weld-edge run` whose stdout results are counted (and their ids kept).
 struct Daemon {
     child: Child,
+    /// Reads the daemon's stdout into `printed`; ends when the daemon's stdout closes.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 fn start_daemon(config: &Path, log: &Path, printed: Arc<Mutex<HashSet<Uuid>>>) -> Daemon {
@@ -47,7 +49,7 @@ fn start_daemon(config: &Path, log: &Path, printed: Arc<Mutex<HashSet<Uuid>>>) -
         .spawn()
         .unwrap();
     let out = BufReader::new(child.stdout.take().unwrap());
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in out.lines() {
             let Ok(line) = line else { return };
             // A SIGKILL can cut the last line; a cut line is not a result.
@@ -56,7 +58,10 @@ fn start_daemon(config: &Path, log: &Path, printed: Arc<Mutex<HashSet<Uuid>>>) -
             }
         }
     });
-    Daemon { child }
+    Daemon {
+        child,
+        reader: Some(reader),
+    }
 }
 
 impl Daemon {
@@ -69,6 +74,12 @@ impl Daemon {
                 "daemon did not exit on {sig}"
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+        // Every line the daemon wrote before it exited is in `printed` once the reader has
+        // reached the end of the pipe (a result can reach the broker before the test has
+        // read its line).
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
         }
     }
 }
@@ -273,8 +284,12 @@ keep_alive_s = 5
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     // Every delivered result is one the daemon recorded or printed: nothing invented.
+    let invented: Vec<&Uuid> = seen
+        .keys()
+        .filter(|id| !(history_set.contains(id) || printed.contains(id)))
+        .collect();
     assert!(
-        seen.keys()
-            .all(|id| history_set.contains(id) || printed.contains(id))
+        invented.is_empty(),
+        "delivered but neither recorded nor printed: {invented:?}"
     );
 }
