@@ -27,6 +27,10 @@ use weld_core::Inspection;
 use weld_edge::store::{Store, StoreConfig};
 
 /// A `weld-edge run` whose stdout results are counted (and their ids kept).
+/// Results a SIGKILL can catch in the outbox before their history record: one per worker
+/// (the config below runs 2).
+const KILL_WINDOW: usize = 2;
+
 struct Daemon {
     child: Child,
     /// Reads the daemon's stdout into `printed`; ends when the daemon's stdout closes.
@@ -283,13 +287,20 @@ keep_alive_s = 5
         "results recorded but never delivered; log:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    // Every delivered result is one the daemon recorded or printed: nothing invented.
-    let invented: Vec<&Uuid> = seen
+    // Every delivered result is one the daemon recorded or printed, except those a SIGKILL
+    // caught between the outbox (the first sink, so its group-commit flush can make a result
+    // durable there) and the history record or the stdout line that follow it on the same
+    // worker: at most one per worker per kill. More than that would be results invented or
+    // duplicated under new ids.
+    let unrecorded: Vec<&Uuid> = seen
         .keys()
         .filter(|id| !(history_set.contains(id) || printed.contains(id)))
         .collect();
+    let bound = kills * KILL_WINDOW;
     assert!(
-        invented.is_empty(),
-        "delivered but neither recorded nor printed: {invented:?}"
+        unrecorded.len() <= bound,
+        "{} delivered but neither recorded nor printed (at most {bound} can be, {KILL_WINDOW} \
+         per SIGKILL): {unrecorded:?}",
+        unrecorded.len()
     );
 }
