@@ -185,6 +185,16 @@ pub enum Quantization {
     Int8,
 }
 
+/// The manifest's names (`f32`, `f16`, `int8`), for command lines.
+impl std::str::FromStr for Quantization {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Quantization, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string()))
+            .map_err(|_| format!("{s:?} is not a quantization; expected f32, f16 or int8"))
+    }
+}
+
 /// Every problem with a classifier's output classes: at least 2 names, none empty, none twice.
 /// Each message names `key` (e.g. `classes`, `model.classes`); empty when the list is usable.
 pub fn class_list_problems(key: &str, classes: &[String]) -> Vec<String> {
@@ -284,6 +294,16 @@ impl ModelManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantization_parses_the_manifest_names() {
+        for q in [Quantization::F32, Quantization::F16, Quantization::Int8] {
+            let name = serde_json::to_value(q).unwrap();
+            assert_eq!(name.as_str().unwrap().parse::<Quantization>(), Ok(q));
+        }
+        let e = "int4".parse::<Quantization>().unwrap_err();
+        assert!(e.contains("int4") && e.contains("int8"), "{e}");
+    }
 
     fn manifest() -> ModelManifest {
         ModelManifest {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use chrono::Utc;
 
 use weld_core::bundle::{self, Bundle};
@@ -60,7 +60,7 @@ pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<(
         None => BTreeMap::new(),
     };
     // Before signing: a bundle that cannot run is refused here, not on the line.
-    check_model(onnx, &spec.classes, &spec.input)?;
+    load(onnx, &spec.classes, &spec.input, "tract", None)?;
     let manifest = ModelManifest {
         name: spec.name,
         version: spec.version,
@@ -103,9 +103,9 @@ pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary folder for the model")?;
     let onnx = dir.path().join(bundle::MODEL_FILE);
     std::fs::write(&onnx, &b.onnx).with_context(|| format!("writing {}", onnx.display()))?;
-    let model = load(&onnx, &b.manifest, backend)
-        .with_context(|| format!("{}: the manifest does not fit the model", path.display()))?;
     let m = &b.manifest;
+    let model = load(&onnx, &m.classes, &m.input, backend, Some(m.name.clone()))
+        .with_context(|| format!("{}: the manifest does not fit the model", path.display()))?;
     println!(
         "{}: ok\n  {} {} ({}, {:?}), created {}\n  signed by {}\n  onnx sha256 {} ({} bytes)\n  \
          classes {}\n  input {:?} {}x{}\n  loads and runs on {}",
@@ -127,27 +127,16 @@ pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_model(onnx: &Path, classes: &[String], input: &InputSpec) -> Result<()> {
-    load_as(onnx, classes, input, "tract", None).map(|_| ())
-}
-
-fn load(onnx: &Path, m: &ModelManifest, backend: &str) -> Result<Model> {
-    load_as(onnx, &m.classes, &m.input, backend, Some(m.name.clone()))
-}
-
-fn load_as(
+/// Loads `onnx` on `backend` as a device would: `Model::from_onnx` checks the channels and size
+/// against `input`, runs one inference and checks the output width against `classes` (and
+/// names an unknown or missing backend).
+fn load(
     onnx: &Path,
     classes: &[String],
     input: &InputSpec,
     backend: &str,
     name: Option<String>,
 ) -> Result<Model> {
-    if !weld_edge::backend::available().contains(&backend) {
-        bail!(
-            "backend {backend:?} is not built in; available: {}",
-            weld_edge::backend::available().join(", ")
-        );
-    }
     let options = ModelOptions {
         backend: backend.to_string(),
         name,

@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use weld_core::rules::RulesConfig;
-
 use weld_core::manifest::{InputSpec, Quantization};
+use weld_core::rules::RulesConfig;
 
 use crate::bundle_cmd::{self, BundleSpec};
 use crate::datasets;
@@ -80,13 +79,6 @@ pub enum InputKind {
     RgbHeight,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum QuantizationArg {
-    F32,
-    F16,
-    Int8,
-}
-
 #[derive(Debug, Args)]
 pub struct BundleArgs {
     /// The ONNX model.
@@ -109,8 +101,9 @@ pub struct BundleArgs {
     pub version: String,
     #[arg(long, default_value = "mobilenet_v2")]
     pub architecture: String,
-    #[arg(long, value_enum, default_value = "f32")]
-    pub quantization: QuantizationArg,
+    /// Precision of the model: f32, f16 or int8 (the manifest's names).
+    #[arg(long, default_value = "f32")]
+    pub quantization: Quantization,
     /// A JSON object of evaluation figures to record in the manifest.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -262,11 +255,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     InputKind::Rgb => InputSpec::rgb(a.size),
                     InputKind::RgbHeight => InputSpec::rgb_height(a.size),
                 },
-                quantization: match a.quantization {
-                    QuantizationArg::F32 => Quantization::F32,
-                    QuantizationArg::F16 => Quantization::F16,
-                    QuantizationArg::Int8 => Quantization::Int8,
-                },
+                quantization: a.quantization,
                 metrics: a.metrics,
             };
             bundle_cmd::create(&a.onnx, spec, &a.key, &a.out)?;
