@@ -3,26 +3,13 @@
 //! every kind of bad bundle a device must refuse.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use weld_core::bundle::{self, Bundle, MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE};
-
-fn trainer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weld-trainer"))
-        .args(args)
-        .output()
-        .expect("run weld-trainer")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{text, trainer};
+use weld_core::bundle::{self, Bundle, MANIFEST_FILE, MODEL_FILE};
 
 fn reference(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -161,15 +148,10 @@ fn reference_models_bundle_verify_and_bad_bundles_are_named() {
         .unwrap(),
     )
     .unwrap();
-    let int8 = fs::read(reference("mobilenetv2_rgb_3cls_int8_qdq.onnx")).unwrap();
-    let tampered = write(
-        "tampered.bundle",
-        &tar_of(&[
-            (MANIFEST_FILE, &good.manifest_bytes),
-            (MODEL_FILE, &int8),
-            (SIGNATURE_FILE, &good.signature),
-        ]),
-    );
+    // The int8 model put in place of the signed f32 one, manifest and signature kept.
+    let mut swapped = good.clone();
+    swapped.onnx = fs::read(reference("mobilenetv2_rgb_3cls_int8_qdq.onnx")).unwrap();
+    let tampered = write("tampered.bundle", &swapped.to_tar().unwrap());
     let mut four = good.manifest.clone();
     four.classes.push("spatter".into());
     let wrong_classes = write(

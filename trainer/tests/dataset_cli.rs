@@ -1,27 +1,15 @@
 //! `weld-trainer dataset ...` end to end, through the real binary.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::{text, trainer};
 use sha2::{Digest, Sha256};
-
-fn trainer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weld-trainer"))
-        .args(args)
-        .output()
-        .expect("run weld-trainer")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// sha256 of every file under `root`, by relative path.
 fn digest_tree(root: &Path) -> BTreeMap<String, String> {
