@@ -452,6 +452,11 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
             raw_rows.push(RawRow::NONE);
             continue;
         }
+        // Walked within the image only: past its edge nothing is seen, which is not a hole.
+        if !(a..b).contains(&cj) {
+            raw_rows.push(RawRow::NONE);
+            continue;
+        }
         let walk = ToeWalk {
             level: toe_level,
             far: -r.hole_far_mm,
@@ -459,11 +464,6 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
             ahead: search,
             beyond_hole: r.bead_min_height_mm,
         };
-        // Walked within the image only: past its edge nothing is seen, which is not a hole.
-        if !(a..b).contains(&cj) {
-            raw_rows.push(RawRow::NONE);
-            continue;
-        }
         let shift = |t: Toe| Toe {
             pos: t.pos + a as f32,
             ..t
