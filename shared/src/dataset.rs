@@ -10,6 +10,11 @@
 //! Files whose name starts with `.` are ignored (temporary files of atomic writes). Other files
 //! at the top level are left alone (notes, split lists); folders must be a class or `unlabeled`.
 //!
+//! Optional `groups.csv` (`stem,group`) puts frames that show the same weld (a run, a seam, a
+//! part) into one group, so that a split never puts one weld on both sides; a frame it does
+//! not name is a group of its own. A dataset's version is the hash of its content
+//! ([`Dataset::version`]): any change to a frame, a label, a group or `dataset.toml` changes it.
+//!
 //! [`Dataset::open`] reads the layout and notes every structural problem; [`Dataset::validate`]
 //! also reads each image header (size, pixel format) and returns every problem found at once.
 
@@ -20,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use image::ImageDecoder;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::frame::{self, DEPTH_SUFFIX, Frame, FrameError, Intrinsics};
@@ -29,6 +35,8 @@ use crate::fsutil::write_atomic;
 pub const DATASET_FILE: &str = "dataset.toml";
 /// Folder of frames without a label.
 pub const UNLABELED: &str = "unlabeled";
+/// Name of the optional file that groups frames of one weld (`stem,group` per line).
+pub const GROUPS_FILE: &str = "groups.csv";
 /// Extensions accepted for RGB files (lower case; matched case-insensitively).
 pub const RGB_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
@@ -170,6 +178,8 @@ pub struct Dataset {
     pub samples: Vec<Sample>,
     /// Layout problems found by [`Dataset::open`]; [`Dataset::validate`] adds the deep ones.
     pub problems: Vec<Problem>,
+    /// Group of each frame named in `groups.csv`, by stem.
+    pub groups: BTreeMap<String, String>,
 }
 
 impl Dataset {
@@ -177,6 +187,12 @@ impl Dataset {
     /// or `dataset.toml` cannot be parsed; everything else is collected in `problems`.
     pub fn open(root: &Path) -> Result<Dataset, DatasetError> {
         let spec = DatasetSpec::load(root)?;
+        Dataset::scan(root, spec)
+    }
+
+    /// Lists the frames of a class-per-folder tree as [`Dataset::open`] does, with a spec given
+    /// instead of read from `dataset.toml` (importing a folder that has none).
+    pub fn scan(root: &Path, spec: DatasetSpec) -> Result<Dataset, DatasetError> {
         let spec_path = root.join(DATASET_FILE);
         let mut problems: Vec<Problem> = spec
             .problems()
@@ -232,12 +248,68 @@ impl Dataset {
                 ),
             });
         }
+        let groups = read_groups(root, &mut problems);
         Ok(Dataset {
             root: root.to_path_buf(),
             spec,
             samples,
             problems,
+            groups,
         })
+    }
+
+    /// The weld a frame belongs to: its group in `groups.csv`, else its own stem.
+    pub fn group_of<'a>(&'a self, sample: &'a Sample) -> &'a str {
+        self.groups
+            .get(&sample.stem)
+            .map_or(&sample.stem, String::as_str)
+    }
+
+    /// A sample's path relative to the dataset root, with `/` separators (`good/a.png`).
+    pub fn relative(&self, sample: &Sample) -> String {
+        let rel = sample.rgb.strip_prefix(&self.root).unwrap_or(&sample.rgb);
+        rel.components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// sha256 (hex) of a frame's content: its RGB file's bytes, then its depth file's.
+    pub fn frame_hash(sample: &Sample) -> Result<String, DatasetError> {
+        let mut h = Sha256::new();
+        h.update(fs::read(&sample.rgb).map_err(io_err(&sample.rgb))?);
+        if let Some(d) = &sample.depth {
+            h.update(b"\0depth\0");
+            h.update(fs::read(d).map_err(io_err(d))?);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    /// The dataset's version: sha256 over `dataset.toml`'s values, then every frame's label,
+    /// stem, group and content hash (from [`Dataset::frame_hash`], in `samples` order).
+    /// Callers with many frames hash them in parallel and pass the hashes in.
+    pub fn version(&self, frame_hashes: &[String]) -> Result<String, DatasetError> {
+        if frame_hashes.len() != self.samples.len() {
+            return Err(DatasetError::BadSpec {
+                path: self.root.clone(),
+                message: format!(
+                    "{} frame hashes given for {} frames",
+                    frame_hashes.len(),
+                    self.samples.len()
+                ),
+            });
+        }
+        let spec = toml::to_string(&self.spec).map_err(|e| DatasetError::BadSpec {
+            path: self.root.join(DATASET_FILE),
+            message: e.to_string(),
+        })?;
+        let mut h = Sha256::new();
+        h.update(spec.as_bytes());
+        for (s, fh) in self.samples.iter().zip(frame_hashes) {
+            let label = self.label_name(s).unwrap_or(UNLABELED);
+            h.update(format!("\n{label}\0{}\0{}\0{fh}", s.stem, self.group_of(s)).as_bytes());
+        }
+        Ok(hex::encode(h.finalize()))
     }
 
     /// All problems: the layout problems of `open`, plus for every frame an unreadable image,
@@ -352,6 +424,7 @@ impl Dataset {
             spec,
             samples: Vec::new(),
             problems: Vec::new(),
+            groups: BTreeMap::new(),
         })
     }
 
@@ -401,6 +474,81 @@ impl Dataset {
         });
         Ok(&self.samples[self.samples.len() - 1])
     }
+}
+
+/// Writes `groups.csv` (`stem,group`, sorted by stem) atomically.
+pub fn write_groups(root: &Path, groups: &BTreeMap<String, String>) -> Result<(), DatasetError> {
+    let path = root.join(GROUPS_FILE);
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let rows = std::iter::once(("stem", "group"))
+        .chain(groups.iter().map(|(s, g)| (s.as_str(), g.as_str())));
+    for row in rows {
+        w.write_record([row.0, row.1])
+            .map_err(|e| DatasetError::BadSpec {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    let bytes = w.into_inner().map_err(|e| DatasetError::BadSpec {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    write_atomic(&path, &bytes).map_err(io_err(&path))
+}
+
+/// Reads `groups.csv` if there is one; a malformed file or row is a problem, not an error.
+fn read_groups(root: &Path, problems: &mut Vec<Problem>) -> BTreeMap<String, String> {
+    let path = root.join(GROUPS_FILE);
+    let mut out = BTreeMap::new();
+    if !path.is_file() {
+        return out;
+    }
+    let mut problem = |what: String| {
+        problems.push(Problem {
+            path: path.clone(),
+            what,
+        })
+    };
+    let mut reader = match csv::Reader::from_path(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            problem(format!("cannot read: {e}"));
+            return out;
+        }
+    };
+    match reader.headers() {
+        Ok(h) if h.iter().eq(["stem", "group"]) => {}
+        Ok(h) => {
+            problem(format!(
+                "the header must be `stem,group`, found `{}`",
+                h.iter().collect::<Vec<_>>().join(",")
+            ));
+            return out;
+        }
+        Err(e) => {
+            problem(format!("cannot read the header: {e}"));
+            return out;
+        }
+    }
+    for (i, row) in reader.records().enumerate() {
+        match row {
+            Ok(r) if r.len() == 2 && !r[0].is_empty() && !r[1].is_empty() => {
+                if let Some(prev) = out.insert(r[0].to_string(), r[1].to_string())
+                    && prev != r[1]
+                {
+                    problem(format!(
+                        "line {}: {:?} is in group {prev:?} and {:?}",
+                        i + 2,
+                        &r[0],
+                        &r[1]
+                    ));
+                }
+            }
+            Ok(_) => problem(format!("line {}: expected a stem and a group", i + 2)),
+            Err(e) => problem(format!("line {}: {e}", i + 2)),
+        }
+    }
+    out
 }
 
 /// Lists the frames of one class folder (or `unlabeled/`), noting stray files.
@@ -689,5 +837,42 @@ mod tests {
             Dataset::create(dir.path(), spec()),
             Err(DatasetError::NotEmpty(_))
         ));
+    }
+
+    #[test]
+    fn groups_file_groups_frames_and_bad_rows_are_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ds = Dataset::create(dir.path(), spec()).unwrap();
+        for stem in ["a", "b", "c"] {
+            ds.add_frame(Some("good"), stem, &frame(1, false)).unwrap();
+        }
+        let groups = BTreeMap::from([
+            ("a".to_string(), "run-1".to_string()),
+            ("b".to_string(), "run-1".to_string()),
+        ]);
+        write_groups(dir.path(), &groups).unwrap();
+        let ds = Dataset::open(dir.path()).unwrap();
+        assert!(ds.problems.is_empty(), "{:?}", ds.problems);
+        let g: Vec<&str> = ds.samples.iter().map(|s| ds.group_of(s)).collect();
+        assert_eq!(g, ["run-1", "run-1", "c"]);
+        assert_eq!(ds.relative(&ds.samples[2]), "good/c.png");
+
+        fs::write(
+            dir.path().join(GROUPS_FILE),
+            "stem,group\na,run-1\na,run-2\nb\n",
+        )
+        .unwrap();
+        let problems: Vec<String> = Dataset::open(dir.path())
+            .unwrap()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("line 3: \"a\" is in group \"run-1\" and \"run-2\""));
+        assert!(problems[1].contains("line 4"), "{problems:?}");
+        fs::write(dir.path().join(GROUPS_FILE), "file,run\na,1\n").unwrap();
+        let p = Dataset::open(dir.path()).unwrap().problems;
+        assert!(p[0].what.contains("must be `stem,group`"), "{p:?}");
     }
 }

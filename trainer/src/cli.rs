@@ -12,6 +12,7 @@ use weld_core::rules::RulesConfig;
 use crate::bundle_cmd::{self, BundleSpec};
 use crate::datasets;
 use crate::rules_cmd::{self, CalibrateOptions};
+use crate::versions::ImportOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -141,6 +142,13 @@ pub enum RulesCommand {
 pub enum DatasetCommand {
     /// Write a synthetic RGB-D weld dataset (seeded: the same arguments give the same bytes).
     Synth(SynthArgs),
+    /// Import a class-per-folder tree (or another dataset) into a new dataset: every problem
+    /// listed before anything is written, byte-identical copies left out, groups read from the
+    /// source's `groups.csv` or `manifest.csv`.
+    Import(ImportArgs),
+    /// Split the labelled frames into train/validation/test, stratified by class and keeping
+    /// each group (weld run) on one side; writes a split file tied to the dataset's version.
+    Split(SplitArgs),
     /// Count frames per class and list every problem found (exit code 1 when there are any).
     Stats {
         /// The dataset folder (holding dataset.toml).
@@ -157,6 +165,47 @@ pub enum DatasetCommand {
         #[arg(long, default_value_t = 3)]
         per_class: usize,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Folder of class folders (images, optional STEM.depth.png), or a dataset.
+    pub src: PathBuf,
+    /// New dataset folder; must be missing or empty.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Class list in label order (default: the source's dataset.toml, else its folder names).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<String>>,
+    /// CSV naming each file's group (default: the source's groups.csv or manifest.csv).
+    #[arg(long)]
+    pub groups: Option<PathBuf>,
+    /// The group column of that CSV (default: group, run_id, run, weld, seam or part).
+    #[arg(long)]
+    pub group_column: Option<String>,
+    /// Millimetres per depth unit, for a source with depth but no dataset.toml.
+    #[arg(long)]
+    pub depth_unit_mm: Option<f32>,
+}
+
+#[derive(Debug, Args)]
+pub struct SplitArgs {
+    /// The dataset folder.
+    pub dir: PathBuf,
+    /// Share of each class's frames for validation.
+    #[arg(long, default_value_t = 0.2)]
+    pub val: f64,
+    /// Share of each class's frames held out for the final test.
+    #[arg(long, default_value_t = 0.0)]
+    pub test: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Split file to write (default: DIR/split.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace an existing split file.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +255,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dataset(DatasetCommand::Stats { dir }) => datasets::stats(&dir),
+        Command::Dataset(DatasetCommand::Import(a)) => {
+            let opts = ImportOptions {
+                classes: a.classes,
+                groups: a.groups,
+                group_column: a.group_column,
+                depth_unit_mm: a.depth_unit_mm,
+            };
+            datasets::import(&a.src, &a.out, &opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dataset(DatasetCommand::Split(a)) => {
+            let out = a.out.unwrap_or_else(|| a.dir.join("split.json"));
+            datasets::split(&a.dir, &out, a.val, a.test, a.seed, a.force)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Rules(RulesCommand::Calibrate {
             dataset,
             out,

@@ -12,6 +12,8 @@ use weld_core::dataset::{Dataset, DatasetSpec};
 use weld_core::synth::{DEFAULT_CLASSES, SynthClass, SynthConfig, frame_seed, generate};
 use weld_core::viz;
 
+use crate::versions::{self, ImportOptions, Split};
+
 /// Writes `per_class` synthetic frames of every default class into a new dataset at `out`.
 ///
 /// Frame `i` of class `c` is generated from `frame_seed(seed, c, i)` alone, so frames are made
@@ -94,6 +96,15 @@ pub fn stats(dir: &Path) -> Result<ExitCode> {
             i.fx, i.fy, i.cx, i.cy
         );
     }
+    println!("version {}", versions::version(&ds)?);
+    if !ds.groups.is_empty() {
+        let groups: std::collections::BTreeSet<&String> = ds.groups.values().collect();
+        println!(
+            "groups {} ({} frames grouped)",
+            groups.len(),
+            ds.groups.len()
+        );
+    }
     if problems.is_empty() {
         println!("problems: none");
         Ok(ExitCode::SUCCESS)
@@ -143,6 +154,111 @@ pub fn preview(dir: &Path, out: &Path, per_class: usize) -> Result<()> {
         .save(out)
         .with_context(|| format!("writing {}", out.display()))?;
     println!("wrote {} ({} frames)", out.display(), tiles.len());
+    Ok(())
+}
+
+/// `dataset import`: imports and prints what was done.
+pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<()> {
+    let start = Instant::now();
+    let r = versions::import(src, out, opts)?;
+    println!(
+        "imported {} frames into {} in {:.1} s",
+        r.frames,
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    let ds = Dataset::open(out)?;
+    for (class, n) in ds.counts().0 {
+        println!("  {class:<20} {n:>6}");
+    }
+    if r.groups > 0 {
+        println!("groups: {} ({} frames grouped)", r.groups, r.grouped);
+    } else {
+        println!("groups: none (each frame is its own group)");
+    }
+    let list = |what: &str, items: &[String]| {
+        if !items.is_empty() {
+            println!("{what} ({}):", items.len());
+            for i in items.iter().take(10) {
+                println!("  - {i}");
+            }
+            if items.len() > 10 {
+                println!("  ... and {} more", items.len() - 10);
+            }
+        }
+    };
+    list("left out as byte-identical duplicates", &r.duplicates);
+    list(
+        "same image under different labels, one copy put in unlabeled/",
+        &r.conflicts,
+    );
+    let renamed: Vec<String> = r
+        .renamed
+        .iter()
+        .map(|(from, to)| format!("{from} -> {to}"))
+        .collect();
+    list("renamed (stem taken by another class)", &renamed);
+    println!("version {}", r.version);
+    Ok(())
+}
+
+/// `dataset split`: makes the split, writes it, prints frames and groups per class and part.
+pub fn split(dir: &Path, out: &Path, val: f64, test: f64, seed: u64, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        bail!(
+            "{}: a split is already there; models trained on it would be compared with a \
+             different one. Pass --force to replace it, or --out for another file",
+            out.display()
+        );
+    }
+    let ds = Dataset::open(dir)?;
+    let problems = ds.validate();
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+        bail!(
+            "{} problem(s) in {}; fix them before splitting:\n{}",
+            problems.len(),
+            dir.display(),
+            list.join("\n")
+        );
+    }
+    let version = versions::version(&ds)?;
+    let split = Split::make(&ds, &version, val, test, seed)?;
+    split.save(out)?;
+    println!(
+        "split of {} (version {}), seed {seed}:",
+        dir.display(),
+        versions::short(&version)
+    );
+    println!(
+        "  {:<20} {:>13} {:>13} {:>13}",
+        "class", "train", "val", "test"
+    );
+    let parts = [&split.train, &split.val, &split.test];
+    for class in &ds.spec.classes {
+        let prefix = format!("{class}/");
+        let cell = |list: &Vec<String>| {
+            let frames: Vec<&String> = list.iter().filter(|p| p.starts_with(&prefix)).collect();
+            let groups: std::collections::BTreeSet<&str> = frames
+                .iter()
+                .filter_map(|p| {
+                    let stem = p.rsplit('/').next()?.rsplit_once('.')?.0;
+                    Some(ds.groups.get(stem).map_or(stem, String::as_str))
+                })
+                .collect();
+            format!("{} ({} gr)", frames.len(), groups.len())
+        };
+        println!(
+            "  {class:<20} {:>13} {:>13} {:>13}",
+            cell(parts[0]),
+            cell(parts[1]),
+            cell(parts[2])
+        );
+        if !split.val.is_empty() && !split.val.iter().any(|p| p.starts_with(&prefix)) {
+            println!("    note: no validation frame of {class} (it has too few groups)");
+        }
+    }
+    println!("wrote {}", out.display());
     Ok(())
 }
 

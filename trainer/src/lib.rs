@@ -7,3 +7,4 @@ pub mod bundle_cmd;
 pub mod cli;
 pub mod datasets;
 pub mod rules_cmd;
+pub mod versions;

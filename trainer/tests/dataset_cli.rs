@@ -140,3 +140,142 @@ fn preview_writes_a_contact_sheet() {
     // 640x240; 5 rows (one per class) + gutters.
     assert_eq!((sheet.width(), sheet.height()), (2 * 644 + 4, 5 * 244 + 4));
 }
+
+/// The real photos: 120 JPGs of 24 weld runs, grouped by `manifest.csv`.
+fn intel_photos() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/intel-weld-photos")
+}
+
+#[test]
+fn import_of_the_real_photos_groups_runs_and_splits_by_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("intel");
+    let o = trainer(&[
+        "dataset",
+        "import",
+        intel_photos().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("imported 120 frames"), "{t}");
+    assert!(t.contains("groups: 24 (120 frames grouped)"), "{t}");
+    // The files are the source's bytes.
+    let src = digest_tree(&intel_photos());
+    let dst = digest_tree(&out);
+    for (rel, h) in &src {
+        if rel.ends_with(".jpg") {
+            assert_eq!(dst.get(rel), Some(h), "{rel}");
+        }
+    }
+    let o = trainer(&["dataset", "split", out.to_str().unwrap(), "--val", "0.2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let split: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("split.json")).unwrap()).unwrap();
+    // No run sits on both sides: runs are named in the source's manifest.csv.
+    let manifest = fs::read_to_string(intel_photos().join("manifest.csv")).unwrap();
+    let run_of: BTreeMap<String, String> = manifest
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (format!("{}/{}", f[0], f[1]), f[3].to_string())
+        })
+        .collect();
+    let runs = |part: &str| -> Vec<String> {
+        split[part]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| run_of[p.as_str().unwrap()].clone())
+            .collect()
+    };
+    let (train, val) = (runs("train"), runs("val"));
+    assert_eq!(train.len() + val.len(), 120);
+    assert!(
+        val.iter().all(|r| !train.contains(r)),
+        "a run on both sides"
+    );
+    // Every class, even those of two runs, is on both sides.
+    for class in ["burn_through", "good_weld", "lack_of_fusion", "overlap"] {
+        let has = |part: &str| {
+            split[part]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p.as_str().unwrap().starts_with(class))
+        };
+        assert!(has("train") && has("val"), "{class}");
+    }
+    // A second split does not silently replace the first.
+    let o = trainer(&["dataset", "split", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--force"), "{}", text(&o));
+}
+
+#[test]
+fn import_leaves_out_copies_flags_conflicts_and_refuses_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for class in ["good", "porosity"] {
+        fs::create_dir_all(src.join(class)).unwrap();
+    }
+    let img = |seed: u8| image::RgbImage::from_pixel(8, 6, image::Rgb([seed, 2, 3]));
+    img(1).save(src.join("good/a.png")).unwrap();
+    img(1).save(src.join("good/a-copy.png")).unwrap(); // a duplicate
+    img(2).save(src.join("good/b.png")).unwrap();
+    img(2).save(src.join("porosity/b2.png")).unwrap(); // same image, other label
+    img(3).save(src.join("porosity/a.png")).unwrap(); // stem taken by good/a
+    let out = dir.path().join("ds");
+    let o = trainer(&[
+        "dataset",
+        "import",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("imported 3 frames"), "{t}");
+    assert!(t.contains("good/a-copy.png"), "{t}");
+    assert!(t.contains("good/b.png (labelled good and porosity)"), "{t}");
+    assert!(t.contains("porosity/a.png -> a-porosity"), "{t}");
+    let files: Vec<String> = digest_tree(&out).into_keys().collect();
+    assert_eq!(
+        files,
+        [
+            "dataset.toml",
+            "good/a.png",
+            "porosity/a-porosity.png",
+            "unlabeled/b.png"
+        ]
+    );
+
+    // An unreadable image: every problem is named and nothing is written.
+    fs::write(src.join("good/broken.png"), b"not a png").unwrap();
+    fs::write(src.join("porosity/notes.txt"), b"hi").unwrap();
+    let out2 = dir.path().join("ds2");
+    let o = trainer(&[
+        "dataset",
+        "import",
+        src.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("2 problem(s)") && t.contains("nothing was imported"),
+        "{t}"
+    );
+    assert!(t.contains("broken.png: not a readable image"), "{t}");
+    assert!(t.contains("notes.txt: not a frame file"), "{t}");
+    assert!(!out2.exists());
+    let leftovers: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
