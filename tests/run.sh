@@ -38,11 +38,25 @@ if [ ! -f "$ORT_DYLIB_PATH" ]; then
         "onnxruntime==$ORT_VERSION"
 fi
 
+echo "== libtorch for the trainer's torch feature"
+# tch 0.24 builds against PyTorch 2.11.0's libtorch, taken from the pinned wheel on the package
+# index (the default build is CUDA's; these three wheels are enough to build and run on the
+# CPU). Installed into .tools/ (git-ignored), reused when already there.
+TORCH_VERSION=2.11.0
+export LIBTORCH="$ROOT/.tools/torch-$TORCH_VERSION/torch"
+if [ ! -f "$LIBTORCH/lib/libtorch_cpu.so" ]; then
+    python3 -m pip install --quiet --no-deps --target "$ROOT/.tools/torch-$TORCH_VERSION" \
+        "torch==$TORCH_VERSION" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+fi
+
 echo "== fmt"
 cargo fmt --all -- --check
 
 echo "== clippy (default features)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== clippy (weld-trainer with torch)"
+cargo clippy -p weld-trainer --all-targets --locked --features torch -- -D warnings
 
 echo "== clippy (weld-edge with ort and v4l)"
 cargo clippy -p weld-edge --all-targets --locked --features ort,v4l -- -D warnings
@@ -64,7 +78,8 @@ PKG_CONFIG_PATH="$pc_dir" cargo clippy -p weld-edge --locked --features realsens
 
 echo "== tests"
 # weld-edge's tests run with the ort feature so both backends are checked against the
-# reference models.
-cargo test --workspace --locked --features weld-edge/ort
+# reference models, and weld-trainer's with torch so training runs (on the CPU). One libtorch
+# thread per test process: parallel tests with libtorch's own thread pools crawl on 2 cores.
+OMP_NUM_THREADS=1 cargo test --workspace --locked --features weld-edge/ort,weld-trainer/torch
 
 echo "== all checks passed"

@@ -30,6 +30,8 @@ pub enum Command {
     /// Make, check and look at datasets.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Fine-tune MobileNetV2 or ResNet50 on a dataset (needs the `torch` feature).
+    Train(Box<TrainArgs>),
     /// Tune the heuristic detector.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -69,6 +71,103 @@ pub enum BundleCommand {
         #[arg(long, default_value = "tract")]
         backend: String,
     },
+}
+
+/// Precision of training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// bf16 mixed precision on CUDA, f32 on the CPU.
+    Auto,
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The dataset folder.
+    pub dataset: PathBuf,
+    /// Output folder: checkpoints, metrics.jsonl, split.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Split file (from `dataset split`); default: OUT/split.json, made here if missing
+    /// (20% of each class for validation, by group).
+    #[arg(long)]
+    pub split: Option<PathBuf>,
+    /// mobilenet_v2 or resnet50.
+    #[arg(long, default_value = "mobilenet_v2")]
+    pub arch: String,
+    /// MobileNetV2's width multiplier.
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+    #[arg(long, value_enum, default_value = "rgb-height")]
+    pub input: InputKind,
+    /// Input width and height in pixels (square).
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
+    #[arg(long, default_value_t = 30)]
+    pub epochs: u64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// adamw or sgd (Nesterov momentum).
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Peak learning rate (default: 1e-3 for adamw, 0.05 for sgd).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Decoupled weight decay (default: 0.05 for adamw, 1e-4 for sgd); not on biases and
+    /// batch norm.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Linear warm-up before the cosine decay, in epochs.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup_epochs: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f64,
+    /// Do not weight classes by their rarity in the loss.
+    #[arg(long)]
+    pub no_class_weights: bool,
+    /// Stop after this many epochs without a better validation macro-F1 (0: never).
+    #[arg(long, default_value_t = 8)]
+    pub patience: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Train without augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: Precision,
+    /// Start from these weights (safetensors with torchvision's names).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Distil from this trained checkpoint (e.g. a ResNet50's best.json).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// Share of the loss from the teacher.
+    #[arg(long, default_value_t = 0.5)]
+    pub distill_alpha: f64,
+    #[arg(long, default_value_t = 4.0)]
+    pub distill_temperature: f64,
+    /// Continue the run in OUT from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Data loading threads (default: the CPU count, at most 8).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Keep preprocessed frames in memory when they fit in this many MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub cache_mb: u64,
+    /// Accept frames of different aspect ratios (they are stretched to the input size).
+    #[arg(long)]
+    pub allow_mixed_sizes: bool,
+    /// Stop each epoch after this many batches (for throughput measurements).
+    #[arg(long)]
+    pub max_batches: Option<usize>,
 }
 
 /// The input of a model, as a bundle's manifest names it.
@@ -291,6 +390,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             rules_cmd::calibrate(&dataset, base, &out, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Train(a) => {
+            train(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys(KeysCommand::New { out }) => {
             bundle_cmd::keys_new(&out)?;
             Ok(ExitCode::SUCCESS)
@@ -315,10 +418,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 version: a.version,
                 architecture: a.architecture,
                 classes: a.classes,
-                input: match a.input {
-                    InputKind::Rgb => InputSpec::rgb(a.size),
-                    InputKind::RgbHeight => InputSpec::rgb_height(a.size),
-                },
+                input: a.input.spec(a.size),
                 quantization: a.quantization,
                 metrics: a.metrics,
             };
@@ -339,6 +439,28 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+impl InputKind {
+    pub fn spec(self, size: u32) -> InputSpec {
+        match self {
+            InputKind::Rgb => InputSpec::rgb(size),
+            InputKind::RgbHeight => InputSpec::rgb_height(size),
+        }
+    }
+}
+
+#[cfg(feature = "torch")]
+fn train(a: &TrainArgs) -> Result<()> {
+    crate::torch::train_cmd(a)
+}
+
+#[cfg(not(feature = "torch"))]
+fn train(_: &TrainArgs) -> Result<()> {
+    anyhow::bail!(
+        "this weld-trainer was built without libtorch; build it with `--features torch` \
+         (or `cuda`) as the README's Training section shows"
+    )
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@
 
 pub mod bundle_cmd;
 pub mod cli;
+pub mod data;
 pub mod datasets;
 pub mod rules_cmd;
+#[cfg(feature = "torch")]
+pub mod torch;
 pub mod versions;
