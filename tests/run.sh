@@ -16,9 +16,11 @@ echo "== system packages"
 # libclang-dev: bindgen in the v4l feature's V4L2 bindings; pkg-config: the realsense feature;
 # mosquitto and mosquitto-clients: the real broker and subscriber of the MQTT tests (started
 # by the tests themselves on free loopback ports); openssl: their TLS certificates; chromium:
-# the headless browser of the dashboard test.
+# the headless browser of the dashboard test; libfontconfig1-dev and fonts-dejavu-core: the
+# text of the trainer's report plots.
 need=()
-for p in libclang-dev pkg-config mosquitto mosquitto-clients openssl chromium; do
+for p in libclang-dev pkg-config mosquitto mosquitto-clients openssl chromium \
+    libfontconfig1-dev fonts-dejavu-core; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -91,7 +91,12 @@ pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<(
 
 /// The device's checks, without installing: the layout, the manifest, the signature against
 /// `trusted`, the ONNX hash, and that the model loads on `backend` and fits the manifest.
-pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
+/// Returns the bundle, the signer and the loaded model.
+pub fn load_verified(
+    path: &Path,
+    trusted: &[String],
+    backend: &str,
+) -> Result<(Bundle, ed25519_dalek::VerifyingKey, Model)> {
     let keys = trusted
         .iter()
         .map(|t| bundle::read_verifying_key(t))
@@ -104,8 +109,21 @@ pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
     let onnx = dir.path().join(bundle::MODEL_FILE);
     std::fs::write(&onnx, &b.onnx).with_context(|| format!("writing {}", onnx.display()))?;
     let m = &b.manifest;
-    let model = load(&onnx, &m.classes, &m.input, backend, Some(m.name.clone()))
+    let options = ModelOptions {
+        backend: backend.to_string(),
+        name: Some(m.name.clone()),
+        version: Some(m.version.clone()),
+        ..ModelOptions::default()
+    };
+    let model = Model::from_onnx(&onnx, m.classes.clone(), m.input.clone(), &options)
         .with_context(|| format!("{}: the manifest does not fit the model", path.display()))?;
+    Ok((b, signer, model))
+}
+
+/// `bundle verify`: [`load_verified`], then what was checked.
+pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
+    let (b, signer, model) = load_verified(path, trusted, backend)?;
+    let m = &b.manifest;
     println!(
         "{}: ok\n  {} {} ({}, {:?}), created {}\n  signed by {}\n  onnx sha256 {} ({} bytes)\n  \
          classes {}\n  input {:?} {}x{}\n  loads and runs on {}",

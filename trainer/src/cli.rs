@@ -11,6 +11,7 @@ use weld_core::rules::RulesConfig;
 
 use crate::bundle_cmd::{self, BundleSpec};
 use crate::datasets;
+use crate::eval::{self, EvalOptions, PartArg};
 use crate::rules_cmd::{self, CalibrateOptions};
 use crate::versions::ImportOptions;
 
@@ -32,6 +33,9 @@ pub enum Command {
     Dataset(DatasetCommand),
     /// Fine-tune MobileNetV2 or ResNet50 on a dataset (needs the `torch` feature).
     Train(Box<TrainArgs>),
+    /// Evaluate a checkpoint (torch feature) or a signed bundle on a dataset: the model alone,
+    /// the rules and the hybrid policy; writes report.json, report.html and PNG plots.
+    Eval(EvalArgs),
     /// Tune the heuristic detector.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -168,6 +172,44 @@ pub struct TrainArgs {
     /// Stop each epoch after this many batches (for throughput measurements).
     #[arg(long)]
     pub max_batches: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("model").required(true).args(["checkpoint", "bundle"])))]
+pub struct EvalArgs {
+    /// A checkpoint from `train` (`best.json` or `best.safetensors`).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// A signed bundle, checked as a device would (needs --trusted).
+    #[arg(long, requires = "trusted")]
+    pub bundle: Option<PathBuf>,
+    /// A trusted public key for --bundle: a `.pub` file or 64 hex digits (repeatable).
+    #[arg(long)]
+    pub trusted: Vec<String>,
+    /// Inference backend for --bundle (tract, or ort with that feature).
+    #[arg(long, default_value = "tract")]
+    pub backend: String,
+    /// The dataset folder.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Split file; default for a checkpoint: the split.json of its run.
+    #[arg(long)]
+    pub split: Option<PathBuf>,
+    /// Which frames: train, val, test, or all labelled frames.
+    #[arg(long, value_enum, default_value = "val")]
+    pub part: PartArg,
+    /// Rules config for the hybrid policy (default: the built-in calibration).
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
+    /// Model probability at or above which its answer is confident.
+    #[arg(long, default_value_t = 0.8)]
+    pub model_confident_at: f32,
+    /// auto, cpu, cuda or cuda:N, for a checkpoint.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Folder for the report.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// The input of a model, as a bundle's manifest names it.
@@ -390,6 +432,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             rules_cmd::calibrate(&dataset, base, &out, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Eval(a) => {
+            eval_cmd(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Train(a) => {
             train(&a)?;
             Ok(ExitCode::SUCCESS)
@@ -448,6 +494,51 @@ impl InputKind {
             InputKind::RgbHeight => InputSpec::rgb_height(size),
         }
     }
+}
+
+fn eval_cmd(a: &EvalArgs) -> Result<()> {
+    let mut opts = EvalOptions {
+        dataset: a.dataset.clone(),
+        split: a.split.clone(),
+        part: a.part,
+        rules: a.rules.clone(),
+        model_confident_at: a.model_confident_at,
+        out: a.out.clone(),
+    };
+    if let Some(b) = &a.bundle {
+        let model = eval::bundle_model(b, &a.trusted, &a.backend)?;
+        eval::run(&model, &[], &opts)?;
+        return Ok(());
+    }
+    let Some(ckpt) = &a.checkpoint else {
+        anyhow::bail!("give --checkpoint or --bundle");
+    };
+    if opts.split.is_none() && a.part != PartArg::All {
+        let beside = ckpt
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("split.json");
+        if beside.is_file() {
+            opts.split = Some(beside);
+        }
+    }
+    eval_checkpoint(ckpt, &a.device, &opts)
+}
+
+#[cfg(feature = "torch")]
+fn eval_checkpoint(ckpt: &std::path::Path, device: &str, opts: &EvalOptions) -> Result<()> {
+    let dev = crate::torch::train::device(device)?;
+    let (_, model) = crate::torch::backend::checkpoint_model(ckpt, dev)?;
+    eval::run(&model, &eval::training_curves(ckpt), opts)?;
+    Ok(())
+}
+
+#[cfg(not(feature = "torch"))]
+fn eval_checkpoint(_: &std::path::Path, _: &str, _: &EvalOptions) -> Result<()> {
+    anyhow::bail!(
+        "evaluating a checkpoint needs libtorch: build weld-trainer with `--features torch` \
+         (README \"Training\"), or evaluate a bundle with --bundle"
+    )
 }
 
 #[cfg(feature = "torch")]

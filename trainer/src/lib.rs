@@ -7,6 +7,8 @@ pub mod bundle_cmd;
 pub mod cli;
 pub mod data;
 pub mod datasets;
+pub mod eval;
+pub mod report;
 pub mod rules_cmd;
 #[cfg(feature = "torch")]
 pub mod torch;

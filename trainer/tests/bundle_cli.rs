@@ -188,3 +188,118 @@ fn reference_models_bundle_verify_and_bad_bundles_are_named() {
         assert!(out.contains(want), "{}: {out}", path.display());
     }
 }
+
+#[test]
+fn eval_of_a_bundle_judges_each_frame_as_the_device_model_does() {
+    use weld_core::dataset::{Dataset, DatasetSpec};
+    use weld_edge::model::{Model, ModelOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("line.key");
+    assert!(trainer(&["keys", "new", "--out", s(&key)]).status.success());
+    let public = dir.path().join("line.pub");
+    let classes = ["good", "porosity", "undercut"];
+    let bundle = dir.path().join("ref.bundle");
+    let onnx = reference("mobilenetv2_rgb_3cls_f32.onnx");
+    let o = trainer(&[
+        "bundle",
+        "--onnx",
+        s(&onnx),
+        "--key",
+        s(&key),
+        "--classes",
+        &classes.join(","),
+        "--name",
+        "ref",
+        "--version",
+        "1",
+        "--out",
+        s(&bundle),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // RGB-only photos, two per class, of different content.
+    let root = dir.path().join("ds");
+    let spec = DatasetSpec {
+        classes: classes.iter().map(|c| c.to_string()).collect(),
+        depth_unit_mm: None,
+        intrinsics: None,
+    };
+    let ds = Dataset::create(&root, spec).unwrap();
+    for (ci, class) in classes.iter().enumerate() {
+        for i in 0..2u32 {
+            let img = image::RgbImage::from_fn(64, 48, |x, y| {
+                image::Rgb([(x * 4 + i * 50) as u8, (y * 5) as u8, (ci * 90) as u8])
+            });
+            img.save(ds.root.join(class).join(format!("{class}-{i}.png")))
+                .unwrap();
+        }
+    }
+    let out = dir.path().join("eval");
+    let o = trainer(&[
+        "eval",
+        "--bundle",
+        s(&bundle),
+        "--trusted",
+        s(&public),
+        "--dataset",
+        s(&root),
+        "--part",
+        "all",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["frames"], 6);
+    assert_eq!(report["backend"], "tract");
+    assert!(report["rules_note"].as_str().unwrap().contains("no depth"));
+
+    // The confusion matrix is what the daemon's model says about each frame.
+    let model = Model::from_onnx(
+        &onnx,
+        classes.iter().map(|c| c.to_string()).collect(),
+        weld_core::manifest::InputSpec::rgb(224),
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let ds = Dataset::open(&root).unwrap();
+    let mut want = vec![vec![0u64; 4]; 3];
+    for smp in &ds.samples {
+        let p = model.predict(&ds.load(smp).unwrap()).unwrap();
+        let k = classes.iter().position(|c| *c == p.class).unwrap();
+        want[smp.label.unwrap()][k] += 1;
+    }
+    assert_eq!(
+        report["model_only"]["confusion"]["counts"],
+        serde_json::json!(want)
+    );
+
+    // A bundle from an untrusted signer is refused, as on a device.
+    let other = dir.path().join("other.key");
+    assert!(
+        trainer(&["keys", "new", "--out", s(&other)])
+            .status
+            .success()
+    );
+    let o = trainer(&[
+        "eval",
+        "--bundle",
+        s(&bundle),
+        "--trusted",
+        s(&dir.path().join("other.pub")),
+        "--dataset",
+        s(&root),
+        "--part",
+        "all",
+        "--out",
+        s(&out),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("does not verify with any trusted key"),
+        "{}",
+        text(&o)
+    );
+}

@@ -128,6 +128,44 @@ fn learns_a_depth_only_difference_and_resume_continues_exactly() {
     );
     assert_eq!(best["architecture"]["name"], "mobilenet_v2");
 
+    // `eval` of the best checkpoint, through the daemon's model path, agrees with the
+    // validation figures the run recorded for that epoch (same frames, same preprocessing).
+    let report_dir = dir.path().join("eval");
+    let o = trainer(&[
+        "eval",
+        "--checkpoint",
+        straight.join("best.json").to_str().unwrap(),
+        "--dataset",
+        ds_s,
+        "--out",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(report_dir.join("report.json")).unwrap()).unwrap();
+    let recorded = best["metrics"]["val_accuracy"].as_f64().unwrap();
+    let measured = report["model_only"]["accuracy"].as_f64().unwrap();
+    assert_eq!(report["frames"], 24);
+    assert!(
+        (recorded - measured).abs() <= 1.0 / 24.0 + 1e-9,
+        "recorded {recorded}, eval {measured}"
+    );
+    assert_eq!(report["part"], "val");
+    // The rules judge weld classes; this dataset has others, and the report says so.
+    assert!(report["hybrid"].is_null());
+    assert!(
+        report["rules_note"]
+            .as_str()
+            .unwrap()
+            .contains("rules' classes")
+    );
+    for png in ["confusion_model.png", "curves.png"] {
+        let img = image::open(report_dir.join(png)).unwrap();
+        assert!(img.width() > 300 && img.height() > 200, "{png}");
+    }
+    let html = fs::read_to_string(report_dir.join("report.html")).unwrap();
+    assert!(html.contains("<img src=\"confusion_model.png\"") && html.contains("macro-F1"));
+
     // The same run, killed after its third epoch and resumed, ends with the same weights.
     let resumed = dir.path().join("resumed");
     let args = train_args(ds_s, resumed.to_str().unwrap(), &["--epochs", "12"]);

@@ -1,6 +1,7 @@
 //! Everything that needs libtorch (the `torch` feature): the networks, the optimizer and the
 //! training loop.
 
+pub mod backend;
 pub mod models;
 pub mod optim;
 pub mod train;
