@@ -166,6 +166,48 @@ fn learns_a_depth_only_difference_and_resume_continues_exactly() {
     let html = fs::read_to_string(report_dir.join("report.html")).unwrap();
     assert!(html.contains("<img src=\"confusion_model.png\"") && html.contains("macro-F1"));
 
+    // Distillation from that checkpoint: the student fits its training frames (labels and
+    // teacher together), and records its teacher; a teacher of another input is refused.
+    let student = dir.path().join("student");
+    let teacher = straight.join("best.json");
+    let o = trainer(&train_args(
+        ds_s,
+        student.to_str().unwrap(),
+        &["--epochs", "6", "--teacher", teacher.to_str().unwrap()],
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    let m = metrics(&student);
+    assert!(
+        m[5]["train_accuracy"].as_f64().unwrap() >= 0.8,
+        "{}",
+        text(&o)
+    );
+    assert!(m[5]["train_loss"].as_f64() < m[0]["train_loss"].as_f64());
+    let last: serde_json::Value =
+        serde_json::from_slice(&fs::read(student.join("last.json")).unwrap()).unwrap();
+    assert_eq!(
+        last["config"]["distill"]["teacher"],
+        teacher.to_str().unwrap()
+    );
+    let o = trainer(&train_args(
+        ds_s,
+        dir.path().join("student2").to_str().unwrap(),
+        &[
+            "--epochs",
+            "1",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--input",
+            "rgb",
+        ],
+    ));
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("teacher's input spec differs"),
+        "{}",
+        text(&o)
+    );
+
     // The same run, killed after its third epoch and resumed, ends with the same weights.
     let resumed = dir.path().join("resumed");
     let args = train_args(ds_s, resumed.to_str().unwrap(), &["--epochs", "12"]);
