@@ -5,7 +5,7 @@
 //!   macro-F1 and what they are (architecture, classes, input spec, dataset version, config);
 //! - `last.safetensors` + `last.optim.safetensors` + `last.json`: the last finished epoch,
 //!   what `--resume` continues from;
-//! - `metrics.jsonl`: one line of figures per epoch; `split.json` when the split was made here.
+//! - `metrics.jsonl`: one line of figures per epoch; `split.json`, the split it trained on.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -507,7 +507,9 @@ pub fn train(cfg: TrainConfig, run: &RunOptions) -> Result<Checkpoint> {
 
     fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let split_path = run.out.join("split.json");
-    if run.split.is_none() && !split_path.is_file() {
+    // The split goes beside the checkpoints, whichever file it came from: `eval` and a
+    // `--resume` find it there.
+    if !split_path.is_file() {
         split.save(&split_path)?;
     }
 
