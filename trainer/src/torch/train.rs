@@ -533,6 +533,16 @@ pub fn train(cfg: TrainConfig, run: &RunOptions) -> Result<Checkpoint> {
             r.missing.len()
         );
     }
+    // Channels-last weights before the optimizer makes its buffers in their layout.
+    if dev.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+        for (_, mut v) in vs.variables() {
+            if v.dim() == 4 {
+                let cl = channels_last(&v);
+                tch::no_grad(|| v.set_data(&cl));
+            }
+        }
+    }
     let mut opt = Optimizer::new(&vs, cfg.optimizer, cfg.weight_decay);
     let (mut start_epoch, mut best_epoch, mut best_f1) = (0, 0, -1.0);
     if let Some(c) = &resumed {
@@ -556,16 +566,6 @@ pub fn train(cfg: TrainConfig, run: &RunOptions) -> Result<Checkpoint> {
             c.epoch
         );
     }
-    if dev.is_cuda() {
-        tch::Cuda::cudnn_set_benchmark(true);
-        for (_, mut v) in vs.variables() {
-            if v.dim() == 4 {
-                let cl = channels_last(&v);
-                tch::no_grad(|| v.set_data(&cl));
-            }
-        }
-    }
-    let _ = &mut vs;
 
     let cache = run.cache_mb * 1024 * 1024;
     let train_src = Arc::new(Source::new(
