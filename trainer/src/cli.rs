@@ -363,6 +363,9 @@ pub struct SynthArgs {
     /// Frame size, WIDTHxHEIGHT.
     #[arg(long, default_value = "640x480", value_parser = parse_size)]
     pub size: (u32, u32),
+    /// Horizontal field of view of the simulated camera, degrees (20-120; smaller zooms in).
+    #[arg(long, default_value_t = 65.0)]
+    pub hfov_deg: f64,
 }
 
 /// Parses `WIDTHxHEIGHT`, e.g. `640x480`.
@@ -392,7 +395,7 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Dataset(DatasetCommand::Synth(a)) => {
-            datasets::synth(&a.out, a.per_class, a.seed, a.size)?;
+            datasets::synth(&a.out, a.per_class, a.seed, a.size, a.hfov_deg)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dataset(DatasetCommand::Stats { dir }) => datasets::stats(&dir),

@@ -18,8 +18,15 @@ use crate::versions::{self, ImportOptions, Split};
 ///
 /// Frame `i` of class `c` is generated from `frame_seed(seed, c, i)` alone, so frames are made
 /// in parallel and the dataset's bytes depend only on the arguments.
-pub fn synth(out: &Path, per_class: usize, seed: u64, size: (u32, u32)) -> Result<()> {
-    let cfg = SynthConfig::new(size.0, size.1);
+pub fn synth(
+    out: &Path,
+    per_class: usize,
+    seed: u64,
+    size: (u32, u32),
+    hfov_deg: f64,
+) -> Result<()> {
+    let mut cfg = SynthConfig::new(size.0, size.1);
+    cfg.hfov_deg = hfov_deg;
     cfg.validate()?;
     let spec = DatasetSpec {
         classes: DEFAULT_CLASSES.iter().map(|c| c.to_string()).collect(),

@@ -62,6 +62,41 @@ fn same_seed_gives_byte_identical_datasets() {
     assert_eq!(da.len(), 1 + 5 * 3 * 2, "{:?}", da.keys());
     assert_eq!(da, db);
     assert_ne!(da, dc, "another seed must give other frames");
+
+    // A narrower lens gives other frames of the same seed; one outside 20-120 is refused.
+    let zoom = dir.path().join("zoom");
+    let args = |hfov: &'static str, out: &Path| {
+        let out = out.to_str().unwrap().to_string();
+        trainer(&[
+            "dataset",
+            "synth",
+            "--out",
+            &out,
+            "--per-class",
+            "3",
+            "--seed",
+            "7",
+            "--size",
+            "160x120",
+            "--hfov-deg",
+            hfov,
+        ])
+    };
+    let o = args("25", &zoom);
+    assert!(o.status.success(), "{}", text(&o));
+    let frame = "good/good-s7-00000.depth.png";
+    assert_ne!(
+        digest_tree(&zoom)[frame],
+        da[frame],
+        "the frame must change, not only intrinsics"
+    );
+    let o = args("10", &dir.path().join("bad"));
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("outside the allowed range 20..=120"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
