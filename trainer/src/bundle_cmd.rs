@@ -109,13 +109,8 @@ pub fn load_verified(
     let onnx = dir.path().join(bundle::MODEL_FILE);
     std::fs::write(&onnx, &b.onnx).with_context(|| format!("writing {}", onnx.display()))?;
     let m = &b.manifest;
-    let options = ModelOptions {
-        backend: backend.to_string(),
-        name: Some(m.name.clone()),
-        version: Some(m.version.clone()),
-        ..ModelOptions::default()
-    };
-    let model = Model::from_onnx(&onnx, m.classes.clone(), m.input.clone(), &options)
+    let identity = Some((m.name.clone(), m.version.clone()));
+    let model = load(&onnx, &m.classes, &m.input, backend, identity)
         .with_context(|| format!("{}: the manifest does not fit the model", path.display()))?;
     Ok((b, signer, model))
 }
@@ -147,17 +142,19 @@ pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
 
 /// Loads `onnx` on `backend` as a device would: `Model::from_onnx` checks the channels and size
 /// against `input`, runs one inference and checks the output width against `classes` (and
-/// names an unknown or missing backend).
+/// names an unknown or missing backend). `identity` is the manifest's name and version.
 fn load(
     onnx: &Path,
     classes: &[String],
     input: &InputSpec,
     backend: &str,
-    name: Option<String>,
+    identity: Option<(String, String)>,
 ) -> Result<Model> {
+    let (name, version) = identity.unzip();
     let options = ModelOptions {
         backend: backend.to_string(),
         name,
+        version,
         ..ModelOptions::default()
     };
     Ok(Model::from_onnx(
