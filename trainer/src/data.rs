@@ -254,10 +254,6 @@ impl Source {
         &self.spec
     }
 
-    pub fn sample(&self, i: usize) -> &Sample {
-        &self.items[i].0
-    }
-
     /// Frame `i`, preprocessed, as `[C, H, W]` values.
     fn input(&self, i: usize) -> Result<Arc<Vec<f32>>> {
         let load = || -> Result<Arc<Vec<f32>>> {
@@ -397,16 +393,6 @@ pub struct Batches {
     pending: BTreeMap<usize, Result<Batch>>,
     next_out: usize,
     total: usize,
-}
-
-impl Batches {
-    pub fn len(&self) -> usize {
-        self.total
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
 }
 
 impl Iterator for Batches {

@@ -56,15 +56,6 @@ impl Optimizer {
         }
     }
 
-    /// Number of parameter tensors updated.
-    pub fn len(&self) -> usize {
-        self.params.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.params.is_empty()
-    }
-
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
             p.zero_grad();

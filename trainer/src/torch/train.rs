@@ -25,6 +25,7 @@ use weld_core::manifest::InputSpec;
 use weld_core::metrics::ConfusionMatrix;
 
 use crate::data::{Augment, EpochOptions, Source};
+use crate::datasets::refuse_problems;
 use crate::torch::models::{Architecture, Net, load_weights};
 use crate::torch::optim::{Optimizer, OptimizerKind, cosine_lr};
 use crate::versions::{self, Part, Split};
@@ -243,16 +244,10 @@ fn check_dataset(
             ));
         }
     }
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-        bail!(
-            "{} problem(s) with {}; nothing was trained:\n{}",
-            problems.len(),
-            ds.root.display(),
-            list.join("\n")
-        );
-    }
-    Ok(())
+    refuse_problems(
+        &problems,
+        &format!("with {}; nothing was trained", ds.root.display()),
+    )
 }
 
 /// Makes an `[n, C, H, W]` input tensor on the device (channels-last on CUDA, bf16 when asked).
@@ -276,7 +271,7 @@ fn channels_last(t: &Tensor) -> Tensor {
 }
 
 /// Cross-entropy with label smoothing and per-class weights (PyTorch's definition).
-pub fn loss_fn(logits: &Tensor, y: &Tensor, weights: &Tensor, smoothing: f64) -> Tensor {
+fn loss_fn(logits: &Tensor, y: &Tensor, weights: &Tensor, smoothing: f64) -> Tensor {
     let logp = logits.log_softmax(-1, Kind::Float);
     let nll = -logp.gather(1, &y.unsqueeze(1), false).squeeze_dim(1);
     let smooth = -logp.mean_dim(-1, false, Kind::Float);
@@ -369,10 +364,9 @@ pub fn evaluate(
     bf16: bool,
     batch_size: usize,
     workers: usize,
-) -> Result<(ConfusionMatrix, f64, Vec<Vec<f32>>)> {
+) -> Result<(ConfusionMatrix, f64)> {
     let mut cm = ConfusionMatrix::new(classes);
     let mut loss_sum = 0.0;
-    let mut probs = Vec::with_capacity(src.len());
     let ones = Tensor::ones([classes.len() as i64], (Kind::Float, dev));
     let batches = src.epoch(EpochOptions {
         epoch: 0,
@@ -391,19 +385,16 @@ pub fn evaluate(
             let y = Tensor::from_slice(&b.y).to_device(dev);
             let logits = net.forward_t(&x, false).to_kind(Kind::Float);
             loss_sum += loss_fn(&logits, &y, &ones, 0.0).double_value(&[]) * b.n as f64;
-            let p = logits.softmax(-1, Kind::Float).to_device(Device::Cpu);
-            let pred = p.argmax(-1, false);
+            let pred = logits.argmax(-1, false).to_device(Device::Cpu);
             for (i, &truth) in b.y.iter().enumerate() {
                 let k = pred.int64_value(&[i as i64]) as usize;
                 cm.add(&classes[truth as usize], &classes[k]);
-                let row: Vec<f32> = Vec::<f32>::try_from(p.get(i as i64))?;
-                probs.push(row);
             }
         }
         Ok(())
     })?;
     let n = cm.total().max(1) as f64;
-    Ok((cm, loss_sum / n, probs))
+    Ok((cm, loss_sum / n))
 }
 
 /// Builds a network and loads a checkpoint's weights into it (for the teacher and `eval`).
@@ -661,7 +652,6 @@ pub fn train(cfg: TrainConfig, run: &RunOptions) -> Result<Checkpoint> {
         });
         let (mut loss_sum, mut right, mut seen) = (0.0f64, 0i64, 0usize);
         let mut lr = cfg.lr;
-        let mut train_time = 0.0;
         let t0 = Instant::now();
         for b in batches.take(per_epoch) {
             let b = b?;
@@ -700,7 +690,7 @@ pub fn train(cfg: TrainConfig, run: &RunOptions) -> Result<Checkpoint> {
                 100.0 * right as f64 / seen as f64
             ));
         }
-        train_time += t0.elapsed().as_secs_f64();
+        let train_time = t0.elapsed().as_secs_f64();
         bar.finish_and_clear();
         precise_bn(
             &net,
@@ -710,7 +700,7 @@ pub fn train(cfg: TrainConfig, run: &RunOptions) -> Result<Checkpoint> {
             cfg.batch_size,
             run.workers,
         )?;
-        let (cm, val_loss, _) = evaluate(
+        let (cm, val_loss) = evaluate(
             &net,
             &val_src,
             &classes,
