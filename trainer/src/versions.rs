@@ -4,7 +4,7 @@
 //! frames hashed in parallel. A split records the version it was made from; training refuses a
 //! split whose dataset has changed since, so a model's lineage names exactly the frames it saw.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +18,8 @@ use weld_core::dataset::{
     DATASET_FILE, Dataset, DatasetSpec, GROUPS_FILE, Problem, Sample, UNLABELED, write_groups,
 };
 use weld_core::fsutil::write_atomic;
+
+use crate::datasets::refuse_problems;
 
 /// Hashes every frame (in parallel) and returns the hashes in `samples` order.
 pub fn frame_hashes(ds: &Dataset) -> Result<Vec<String>> {
@@ -92,15 +94,10 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportRepo
         });
     }
     let group_file = read_group_file(src, &source, opts, &mut problems)?;
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-        bail!(
-            "{} problem(s) in {}; nothing was imported:\n{}",
-            problems.len(),
-            src.display(),
-            list.join("\n")
-        );
-    }
+    refuse_problems(
+        &problems,
+        &format!("in {}; nothing was imported", src.display()),
+    )?;
     if source.samples.is_empty() {
         bail!("{}: no frames found to import", src.display());
     }
@@ -123,15 +120,16 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportRepo
             seen.push(s.label);
         }
     }
-    let mut plan: Vec<(&Sample, Option<usize>, String)> = Vec::new();
-    let mut placed: HashMap<&str, ()> = HashMap::new();
-    let mut stems: HashMap<String, ()> = HashMap::new();
+    // Each frame to write: the source sample, its label, its stem, its content hash.
+    let mut plan: Vec<(&Sample, Option<usize>, String, &str)> = Vec::new();
+    let mut placed: HashSet<&str> = HashSet::new();
+    let mut stems: HashSet<String> = HashSet::new();
     for (s, h) in source.samples.iter().zip(&hashes) {
         let rel = source.relative(s);
         let labels = &labels_of[h.as_str()];
         let labelled: Vec<_> = labels.iter().flatten().collect();
         let conflict = labelled.len() > 1;
-        if placed.insert(h.as_str(), ()).is_some() {
+        if !placed.insert(h.as_str()) {
             if !conflict {
                 report.duplicates.push(rel);
             }
@@ -151,18 +149,18 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportRepo
             labelled.first().map(|&&i| i).or(s.label)
         };
         let mut stem = s.stem.clone();
-        if stems.contains_key(&stem) {
+        if stems.contains(&stem) {
             let class = label.map_or(UNLABELED, |i| source.spec.classes[i].as_str());
             let mut n = 1;
             stem = format!("{}-{class}", s.stem);
-            while stems.contains_key(&stem) {
+            while stems.contains(&stem) {
                 n += 1;
                 stem = format!("{}-{class}{n}", s.stem);
             }
             report.renamed.push((rel, stem.clone()));
         }
-        stems.insert(stem.clone(), ());
-        plan.push((s, label, stem));
+        stems.insert(stem.clone());
+        plan.push((s, label, stem, h.as_str()));
     }
 
     // Write into a hidden sibling, then rename into place.
@@ -182,7 +180,7 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportRepo
     let written = (|| -> Result<BTreeMap<String, String>> {
         let ds = Dataset::create(&tmp, source.spec.clone())?;
         let mut groups = BTreeMap::new();
-        for (s, label, stem) in &plan {
+        for (s, label, stem, _) in &plan {
             let class = label.map_or(UNLABELED, |i| source.spec.classes[i].as_str());
             let dir = ds.root.join(class);
             fs::create_dir_all(&dir)?;
@@ -224,11 +222,20 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportRepo
     let ds = Dataset::open(out)?;
     report.frames = ds.samples.len();
     report.grouped = groups.len();
-    report.groups = groups
-        .values()
-        .collect::<std::collections::BTreeSet<_>>()
-        .len();
-    report.version = version(&ds)?;
+    report.groups = groups.values().collect::<BTreeSet<_>>().len();
+    // The copies have the source's bytes: their hashes are known, by stem (unique here).
+    let hash_of: HashMap<&str, &str> = plan.iter().map(|(_, _, st, h)| (st.as_str(), *h)).collect();
+    let hashes = ds
+        .samples
+        .iter()
+        .map(|s| {
+            hash_of
+                .get(s.stem.as_str())
+                .map(|h| h.to_string())
+                .with_context(|| format!("{}: not a frame this import wrote", s.rgb.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    report.version = ds.version(&hashes)?;
     Ok(report)
 }
 

@@ -196,6 +196,17 @@ fn import_of_the_real_photos_groups_runs_and_splits_by_run() {
     let t = text(&o);
     assert!(t.contains("imported 120 frames"), "{t}");
     assert!(t.contains("groups: 24 (120 frames grouped)"), "{t}");
+    // The version the import reports (from the hashes it made while checking) is the one
+    // `dataset stats` computes from the files written.
+    let version_line = |t: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("version "))
+            .unwrap()
+            .to_string()
+    };
+    let stats = trainer(&["dataset", "stats", out.to_str().unwrap()]);
+    assert!(stats.status.success(), "{}", text(&stats));
+    assert_eq!(version_line(&t), version_line(&text(&stats)));
     // The files are the source's bytes.
     let src = digest_tree(&intel_photos());
     let dst = digest_tree(&out);
