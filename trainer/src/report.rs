@@ -210,7 +210,50 @@ pub fn confusion_png(cm: &ConfusionMatrix, title: &str, path: &Path) -> Result<(
     Ok(())
 }
 
-/// Training curves: losses on the left, validation accuracy and macro-F1 on the right.
+/// One line per series, with a legend, over the epochs `1..=last`.
+type Series = (&'static str, RGBColor, Vec<(u32, f64)>);
+
+fn line_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+    y_max: f64,
+    last: u32,
+    series: Vec<Series>,
+    legend: SeriesLabelPosition,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(45)
+        .build_cartesian_2d(1u32..last.max(2), 0f64..y_max)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .draw()
+        .map_err(draw_err)?;
+    for (name, colour, points) in series {
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+            .map_err(draw_err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+    }
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err)?;
+    Ok(())
+}
+
+/// Training curves: losses on the left, accuracy and validation macro-F1 on the right.
 pub fn curves_png(epochs: &[serde_json::Value], path: &Path) -> Result<()> {
     let get = |key: &str| -> Vec<(u32, f64)> {
         epochs
@@ -222,74 +265,37 @@ pub fn curves_png(epochs: &[serde_json::Value], path: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(draw_err)?;
     let (l, r) = root.split_horizontally(500);
     let last = epochs.len() as u32;
-    let loss = [get("train_loss"), get("val_loss")];
+    let loss = vec![
+        ("train", BLUE, get("train_loss")),
+        ("validation", RED, get("val_loss")),
+    ];
     let max_loss = loss
         .iter()
-        .flatten()
+        .flat_map(|(_, _, points)| points)
         .map(|p| p.1)
         .fold(0.0f64, f64::max)
         .max(1e-3);
-    let mut chart = ChartBuilder::on(&l)
-        .caption("Loss", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(35)
-        .y_label_area_size(45)
-        .build_cartesian_2d(1u32..last.max(2), 0f64..max_loss * 1.05)
-        .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("epoch")
-        .draw()
-        .map_err(draw_err)?;
-    for (series, (name, colour)) in loss.into_iter().zip([("train", BLUE), ("validation", RED)]) {
-        chart
-            .draw_series(LineSeries::new(series, colour.stroke_width(2)))
-            .map_err(draw_err)?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw_err)?;
-    let mut chart = ChartBuilder::on(&r)
-        .caption("Accuracy", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(35)
-        .y_label_area_size(45)
-        .build_cartesian_2d(1u32..last.max(2), 0f64..1.0)
-        .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("epoch")
-        .draw()
-        .map_err(draw_err)?;
-    let acc = [
-        get("train_accuracy"),
-        get("val_accuracy"),
-        get("val_macro_f1"),
+    line_chart(
+        &l,
+        "Loss",
+        max_loss * 1.05,
+        last,
+        loss,
+        SeriesLabelPosition::MiddleRight,
+    )?;
+    let accuracy = vec![
+        ("train accuracy", BLUE, get("train_accuracy")),
+        ("validation accuracy", RED, get("val_accuracy")),
+        ("validation macro-F1", GREEN, get("val_macro_f1")),
     ];
-    let styles = [
-        ("train accuracy", BLUE),
-        ("validation accuracy", RED),
-        ("validation macro-F1", GREEN),
-    ];
-    for (series, (name, colour)) in acc.into_iter().zip(styles) {
-        chart
-            .draw_series(LineSeries::new(series, colour.stroke_width(2)))
-            .map_err(draw_err)?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw_err)?;
+    line_chart(
+        &r,
+        "Accuracy",
+        1.0,
+        last,
+        accuracy,
+        SeriesLabelPosition::LowerRight,
+    )?;
     root.present().map_err(draw_err)?;
     Ok(())
 }
