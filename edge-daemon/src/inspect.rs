@@ -201,13 +201,12 @@ pub fn run(
         .collect();
 
     let classes: Option<Vec<String>> = {
-        let names: Vec<String> = detector
+        let names = detector
             .config()
             .classes
             .in_order()
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            .map(String::from)
+            .to_vec();
         inputs.iter().any(|i| i.truth.is_some()).then_some(names)
     };
     let mut summary = Summary {

@@ -219,16 +219,10 @@ pub fn split(dir: &Path, out: &Path, val: f64, test: f64, seed: u64, force: bool
         );
     }
     let ds = Dataset::open(dir)?;
-    let problems = ds.validate();
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-        bail!(
-            "{} problem(s) in {}; fix them before splitting:\n{}",
-            problems.len(),
-            dir.display(),
-            list.join("\n")
-        );
-    }
+    refuse_problems(
+        &ds.validate(),
+        &format!("in {}; fix them before splitting", dir.display()),
+    )?;
     let version = versions::version(&ds)?;
     let split = Split::make(&ds, &version, val, test, seed)?;
     split.save(out)?;
@@ -267,6 +261,16 @@ pub fn split(dir: &Path, out: &Path, val: f64, test: f64, seed: u64, force: bool
     }
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// Fails with every problem listed, one per line, when there are any; `what` follows the
+/// count (e.g. "in DIR; nothing was imported").
+pub fn refuse_problems<P: std::fmt::Display>(problems: &[P], what: &str) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+    bail!("{} problem(s) {what}:\n{}", problems.len(), list.join("\n"))
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {

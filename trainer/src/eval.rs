@@ -84,13 +84,7 @@ pub fn run(model: &Model, curves: &[serde_json::Value], opts: &EvalOptions) -> R
             model_confident_at: opts.model_confident_at,
         },
     };
-    let rule_classes: Vec<String> = detector
-        .config()
-        .classes
-        .in_order()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let rule_classes = detector.config().classes.in_order().map(String::from);
     let all_depth = samples.iter().all(|s| s.depth.is_some());
     let rules_note = if !all_depth {
         Some("the frames have no depth; the rules judge the depth profile of the bead".into())
