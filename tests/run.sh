@@ -51,14 +51,23 @@ if [ ! -f "$LIBTORCH/lib/libtorch_cpu.so" ]; then
         "torch==$TORCH_VERSION" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
 fi
 
+echo "== Python's onnx for onnx.checker"
+# The exporter's tests hand every written model to onnx.checker (full check). Pinned, with its
+# dependencies, into .tools/ (git-ignored), reused when already there.
+ONNX_VERSION=1.23.2
+if [ ! -f "$ROOT/.tools/onnx/onnx-$ONNX_VERSION.dist-info/METADATA" ]; then
+    rm -rf "$ROOT/.tools/onnx"
+    python3 -m pip install --quiet --target "$ROOT/.tools/onnx" "onnx==$ONNX_VERSION"
+fi
+
 echo "== fmt"
 cargo fmt --all -- --check
 
 echo "== clippy (default features)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== clippy (weld-trainer with torch)"
-cargo clippy -p weld-trainer --all-targets --locked --features torch -- -D warnings
+echo "== clippy (weld-trainer with torch and ort)"
+cargo clippy -p weld-trainer --all-targets --locked --features torch,ort -- -D warnings
 
 echo "== clippy (weld-edge with ort and v4l)"
 cargo clippy -p weld-edge --all-targets --locked --features ort,v4l -- -D warnings
@@ -80,8 +89,9 @@ PKG_CONFIG_PATH="$pc_dir" cargo clippy -p weld-edge --locked --features realsens
 
 echo "== tests"
 # weld-edge's tests run with the ort feature so both backends are checked against the
-# reference models, and weld-trainer's with torch so training runs (on the CPU). One libtorch
+# reference models, and weld-trainer's with torch so training runs (on the CPU) and with ort
+# so exported and quantized models are checked in ONNX Runtime too. One libtorch
 # thread per test process: parallel tests with libtorch's own thread pools crawl on 2 cores.
-OMP_NUM_THREADS=1 cargo test --workspace --locked --features weld-edge/ort,weld-trainer/torch
+OMP_NUM_THREADS=1 cargo test --workspace --locked --features weld-edge/ort,weld-trainer/torch,weld-trainer/ort
 
 echo "== all checks passed"

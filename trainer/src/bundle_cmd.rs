@@ -11,6 +11,8 @@ use weld_core::bundle::{self, Bundle};
 use weld_core::manifest::{InputSpec, Lineage, ModelManifest, Quantization};
 use weld_edge::model::{Model, ModelOptions};
 
+use crate::card::ModelCard;
+
 /// Writes a new key pair: `out` (the secret) and the public key beside it (`.pub`).
 pub fn keys_new(out: &Path) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -37,8 +39,10 @@ pub struct BundleSpec {
     pub classes: Vec<String>,
     pub input: InputSpec,
     pub quantization: Quantization,
-    /// A JSON object of evaluation figures (`{"accuracy": 0.97, ...}`).
+    /// A JSON object of evaluation figures (`{"accuracy": 0.97, ...}`), added to the card's.
     pub metrics: Option<PathBuf>,
+    /// The model card beside the ONNX: its figures and lineage go into the manifest.
+    pub card: Option<ModelCard>,
 }
 
 /// Checks that `onnx` loads and fits `classes` and `input` (one inference on the tract
@@ -46,7 +50,11 @@ pub struct BundleSpec {
 pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<()> {
     let signing = bundle::read_signing_key(key)?;
     let bytes = std::fs::read(onnx).with_context(|| format!("reading {}", onnx.display()))?;
-    let metrics: BTreeMap<String, f64> = match &spec.metrics {
+    let (mut metrics, lineage) = match &spec.card {
+        Some(c) => (c.metrics.clone(), c.lineage.clone()),
+        None => (BTreeMap::new(), Lineage::default()),
+    };
+    let extra: BTreeMap<String, f64> = match &spec.metrics {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -59,6 +67,7 @@ pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<(
         }
         None => BTreeMap::new(),
     };
+    metrics.extend(extra);
     // Before signing: a bundle that cannot run is refused here, not on the line.
     load(onnx, &spec.classes, &spec.input, "tract", None)?;
     let manifest = ModelManifest {
@@ -71,7 +80,7 @@ pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<(
         onnx_sha256: String::new(), // set by signing
         quantization: spec.quantization,
         metrics,
-        lineage: Lineage::default(),
+        lineage,
     };
     let signed = Bundle::sign(manifest, bytes, &signing)?;
     let tar = signed.to_tar().context("writing the bundle")?;

@@ -36,6 +36,13 @@ pub enum Command {
     /// Evaluate a checkpoint (torch feature) or a signed bundle on a dataset: the model alone,
     /// the rules and the hybrid policy; writes report.json, report.html and PNG plots.
     Eval(EvalArgs),
+    /// Write a checkpoint's network as ONNX (batch norm folded) and its model card beside it
+    /// (`model.onnx` -> `model.json`); checked in tract against the checkpoint first (needs
+    /// the `torch` feature).
+    Export(ExportArgs),
+    /// Post-training int8 of an exported f32 model, calibrated on a dataset, in the form tract
+    /// runs fastest; checked against the f32 model on held-out frames, figures in its card.
+    Quantize(QuantizeArgs),
     /// Tune the heuristic detector.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -43,6 +50,8 @@ pub enum Command {
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Sign an ONNX model into a bundle (checked to load and fit first), or `bundle verify`.
+    /// Classes, input, architecture, precision, figures and lineage come from the model card
+    /// beside the ONNX (written by `export` and `quantize`) or, without one, from the flags.
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Bundle {
         #[command(subcommand)]
@@ -222,6 +231,64 @@ pub enum InputKind {
 }
 
 #[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The checkpoint (`RUN/best.safetensors` or its `.json`).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The ONNX file to write; its model card goes beside it with the extension `.json`.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The f32 ONNX written by `export` (its model card beside it).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The dataset to calibrate on and judge with.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Split file: calibrate on its train part, judge on its test part (val when test is
+    /// empty). Without one, every labelled frame serves for both.
+    #[arg(long)]
+    pub split: Option<PathBuf>,
+    /// The int8 ONNX to write; its card goes beside it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Frames to calibrate on (drawn from the train part).
+    #[arg(long, default_value_t = 128)]
+    pub calibration_frames: usize,
+    /// Activation ranges: `minmax`, or a percentile of |value| such as `99.99`.
+    #[arg(long, default_value = "minmax", value_parser = parse_range)]
+    pub range: crate::quantize::RangeMethod,
+    /// Which convolutions run in int8.
+    #[arg(long, value_enum, default_value = "pointwise")]
+    pub convs: crate::quantize::ConvSelect,
+    /// One weight scale per tensor instead of per output channel.
+    #[arg(long)]
+    pub per_tensor: bool,
+    /// Zero points of 0 for every activation (ReLU6 as an int8 Clip) instead of -128 for
+    /// tensors that are never negative.
+    #[arg(long)]
+    pub symmetric: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn parse_range(s: &str) -> Result<crate::quantize::RangeMethod, String> {
+    use crate::quantize::RangeMethod;
+    if s == "minmax" {
+        return Ok(RangeMethod::MinMax);
+    }
+    match s.parse::<f64>() {
+        Ok(p) if p > 50.0 && p <= 100.0 => Ok(RangeMethod::Percentile(p)),
+        _ => Err(format!(
+            "{s:?}: expected minmax or a percentile between 50 and 100 such as 99.99"
+        )),
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct BundleArgs {
     /// The ONNX model.
     #[arg(long)]
@@ -229,23 +296,26 @@ pub struct BundleArgs {
     /// The secret key (from `keys new`).
     #[arg(long)]
     pub key: PathBuf,
-    /// Output classes in logit order, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub classes: Vec<String>,
-    #[arg(long, value_enum, default_value = "rgb")]
-    pub input: InputKind,
-    /// Input width and height in pixels (square).
-    #[arg(long, default_value_t = 224)]
-    pub size: u32,
+    /// Output classes in logit order, comma-separated (without a model card).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<String>>,
+    /// Input channels (without a model card; default rgb).
+    #[arg(long, value_enum)]
+    pub input: Option<InputKind>,
+    /// Input width and height in pixels, square (without a model card; default 224).
+    #[arg(long)]
+    pub size: Option<u32>,
     #[arg(long)]
     pub name: String,
     #[arg(long)]
     pub version: String,
-    #[arg(long, default_value = "mobilenet_v2")]
-    pub architecture: String,
-    /// Precision of the model: f32, f16 or int8 (the manifest's names).
-    #[arg(long, default_value = "f32")]
-    pub quantization: Quantization,
+    /// Without a model card; default mobilenet_v2.
+    #[arg(long)]
+    pub architecture: Option<String>,
+    /// Precision of the model: f32, f16 or int8, the manifest's names (without a model card;
+    /// default f32).
+    #[arg(long)]
+    pub quantization: Option<Quantization>,
     /// A JSON object of evaluation figures to record in the manifest.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -443,6 +513,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             train(&a)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Export(a) => {
+            export(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Quantize(a) => {
+            quantize_cmd(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys(KeysCommand::New { out }) => {
             bundle_cmd::keys_new(&out)?;
             Ok(ExitCode::SUCCESS)
@@ -462,21 +540,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bundle {
             create: Some(a), ..
         } => {
-            let spec = BundleSpec {
-                name: a.name,
-                version: a.version,
-                architecture: a.architecture,
-                classes: a.classes,
-                input: a.input.spec(a.size),
-                quantization: a.quantization,
-                metrics: a.metrics,
-            };
+            let spec = bundle_spec(a.onnx.as_path(), &a)?;
             bundle_cmd::create(&a.onnx, spec, &a.key, &a.out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bundle { .. } => {
             anyhow::bail!(
-                "`bundle` needs --onnx, --key, --classes, --name, --version and --out, or `bundle verify`"
+                "`bundle` needs --onnx, --key, --name, --version and --out (and --classes when the \
+                 ONNX has no model card beside it), or `bundle verify`"
             )
         }
         Command::Dataset(DatasetCommand::Preview {
@@ -541,6 +612,143 @@ fn eval_checkpoint(_: &std::path::Path, _: &str, _: &EvalOptions) -> Result<()> 
     anyhow::bail!(
         "evaluating a checkpoint needs libtorch: build weld-trainer with `--features torch` \
          (README \"Training\"), or evaluate a bundle with --bundle"
+    )
+}
+
+/// The bundle's contents from the model card beside the ONNX, or from the flags without one.
+/// With a card, a flag that disagrees with it is an error rather than silently winning.
+fn bundle_spec(onnx: &std::path::Path, a: &BundleArgs) -> Result<BundleSpec> {
+    let card = crate::card::ModelCard::read_beside(onnx)?;
+    let Some(card) = card else {
+        let Some(classes) = a.classes.clone() else {
+            anyhow::bail!(
+                "{} has no model card ({}) beside it: give --classes (and --input, --size, \
+                 --architecture, --quantization when not the defaults)",
+                onnx.display(),
+                crate::card::card_path(onnx).display()
+            );
+        };
+        return Ok(BundleSpec {
+            name: a.name.clone(),
+            version: a.version.clone(),
+            architecture: a.architecture.clone().unwrap_or("mobilenet_v2".into()),
+            classes,
+            input: a
+                .input
+                .unwrap_or(InputKind::Rgb)
+                .spec(a.size.unwrap_or(224)),
+            quantization: a.quantization.unwrap_or(Quantization::F32),
+            metrics: a.metrics.clone(),
+            card: None,
+        });
+    };
+    let card_file = crate::card::card_path(onnx);
+    let mut conflicts = Vec::new();
+    if a.classes.as_ref().is_some_and(|c| *c != card.classes) {
+        conflicts.push(format!(
+            "--classes (the card says {})",
+            card.classes.join(",")
+        ));
+    }
+    if a.input
+        .is_some_and(|i| i.spec(card.input.size[0]).channels != card.input.channels)
+    {
+        conflicts.push(format!("--input (the card says {:?})", card.input.channels));
+    }
+    if a.size.is_some_and(|s| [s, s] != card.input.size) {
+        conflicts.push(format!("--size (the card says {:?})", card.input.size));
+    }
+    if a.architecture
+        .as_ref()
+        .is_some_and(|x| *x != card.architecture)
+    {
+        conflicts.push(format!(
+            "--architecture (the card says {})",
+            card.architecture
+        ));
+    }
+    if a.quantization.is_some_and(|q| q != card.quantization) {
+        conflicts.push(format!(
+            "--quantization (the card says {:?})",
+            card.quantization
+        ));
+    }
+    if !conflicts.is_empty() {
+        anyhow::bail!(
+            "flags disagree with the model card {}: {}; leave them out (the card is what \
+             export or quantize wrote for this ONNX)",
+            card_file.display(),
+            conflicts.join(", ")
+        );
+    }
+    Ok(BundleSpec {
+        name: a.name.clone(),
+        version: a.version.clone(),
+        architecture: card.architecture.clone(),
+        classes: card.classes.clone(),
+        input: card.input.clone(),
+        quantization: card.quantization,
+        metrics: a.metrics.clone(),
+        card: Some(card),
+    })
+}
+
+fn quantize_cmd(a: &QuantizeArgs) -> Result<()> {
+    use crate::quantize::{QuantizeOptions, Scheme};
+    let opts = QuantizeOptions {
+        dataset: a.dataset.clone(),
+        split: a.split.clone(),
+        calibration_frames: a.calibration_frames,
+        range: a.range,
+        scheme: Scheme {
+            convs: a.convs,
+            per_channel: !a.per_tensor,
+            unsigned_relu: !a.symmetric,
+        },
+        seed: a.seed,
+    };
+    let r = crate::quantize::quantize(&a.model, &a.out, &opts)?;
+    println!(
+        "wrote {} and its card ({} bytes; f32 {} bytes)\n  calibrated on {} frames; judged on \
+         {} frames: accuracy f32 {:.2}%, int8 {:.2}% ({:+.2} points), same class on {:.2}%\n  \
+         tract, one thread: f32 {:.2} ms, int8 {:.2} ms ({:.2}x)",
+        a.out.display(),
+        r.bytes_int8,
+        r.bytes_f32,
+        r.calibration_frames,
+        r.judged_frames,
+        100.0 * r.accuracy_f32,
+        100.0 * r.accuracy_int8,
+        100.0 * (r.accuracy_int8 - r.accuracy_f32),
+        100.0 * r.agreement,
+        r.ms_f32,
+        r.ms_int8,
+        r.ms_f32 / r.ms_int8
+    );
+    Ok(())
+}
+
+#[cfg(feature = "torch")]
+fn export(a: &ExportArgs) -> Result<()> {
+    let r = crate::torch::export::export(&a.checkpoint, &a.out)?;
+    println!(
+        "wrote {} ({} nodes, {} bytes) and {}\n  tract vs tch on 4 probe inputs: max |diff| \
+         {:.2e} (allowed {:.0e})",
+        r.onnx.display(),
+        r.nodes,
+        r.bytes,
+        r.card.display(),
+        r.max_abs_diff,
+        crate::torch::export::PARITY_TOLERANCE
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "torch"))]
+fn export(_: &ExportArgs) -> Result<()> {
+    anyhow::bail!(
+        "exporting a checkpoint needs libtorch: build weld-trainer with `--features torch` \
+         (README \"Training\")"
     )
 }
 

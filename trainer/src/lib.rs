@@ -4,10 +4,13 @@
 //! The binary is a thin `main.rs` over [`cli`].
 
 pub mod bundle_cmd;
+pub mod card;
 pub mod cli;
 pub mod data;
 pub mod datasets;
 pub mod eval;
+pub mod onnx;
+pub mod quantize;
 pub mod report;
 pub mod rules_cmd;
 #[cfg(feature = "torch")]

@@ -166,6 +166,166 @@ fn learns_a_depth_only_difference_and_resume_continues_exactly() {
     let html = fs::read_to_string(report_dir.join("report.html")).unwrap();
     assert!(html.contains("<img src=\"confusion_model.png\"") && html.contains("macro-F1"));
 
+    // Export: the ONNX and its card; signed into a bundle with nothing typed again; the
+    // bundle, judged by tract through `eval --bundle`, makes the checkpoint's decisions.
+    let onnx = dir.path().join("export").join("model.onnx");
+    let o = trainer(&[
+        "export",
+        "--checkpoint",
+        straight.join("best.safetensors").to_str().unwrap(),
+        "--out",
+        onnx.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("max |diff|"), "{}", text(&o));
+    let card: serde_json::Value =
+        serde_json::from_slice(&fs::read(onnx.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(card["classes"], best["classes"]);
+    assert_eq!(card["input"], best["input"]);
+    assert_eq!(card["quantization"], "f32");
+    assert_eq!(card["lineage"]["dataset_hash"], best["dataset_version"]);
+    let key = dir.path().join("keys").join("signer");
+    let o = trainer(&["keys", "new", "--out", key.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let bundle = dir.path().join("model.bundle");
+    let bundle_args = |extra: &[&str]| {
+        let mut a = vec![
+            "bundle",
+            "--onnx",
+            onnx.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--name",
+            "ridge",
+            "--version",
+            "t1",
+            "--out",
+            bundle.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let refused = Command::new(env!("CARGO_BIN_EXE_weld-trainer"))
+        .args(bundle_args(&["--classes", "ridge,flat"]))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("--classes (the card says flat,ridge)"),
+        "{}",
+        text(&refused)
+    );
+    assert!(!bundle.exists());
+    let o = Command::new(env!("CARGO_BIN_EXE_weld-trainer"))
+        .args(bundle_args(&[]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let bundle_report = dir.path().join("eval-bundle");
+    let public = key.with_extension("pub");
+    let o = trainer(&[
+        "eval",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--trusted",
+        public.to_str().unwrap(),
+        "--dataset",
+        ds_s,
+        "--split",
+        straight.join("split.json").to_str().unwrap(),
+        "--out",
+        bundle_report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let from_bundle: serde_json::Value =
+        serde_json::from_slice(&fs::read(bundle_report.join("report.json")).unwrap()).unwrap();
+    assert_eq!(from_bundle["part"], "val");
+    assert_eq!(
+        from_bundle["model_only"]["confusion"], report["model_only"]["confusion"],
+        "the exported model decides otherwise than its checkpoint"
+    );
+
+    // int8: calibrated on the run's training frames, judged on its validation frames; its
+    // card says what was measured, and it signs and verifies like the f32 model.
+    let int8 = dir.path().join("export").join("model-int8.onnx");
+    let o = trainer(&[
+        "quantize",
+        "--model",
+        onnx.to_str().unwrap(),
+        "--dataset",
+        ds_s,
+        "--split",
+        straight.join("split.json").to_str().unwrap(),
+        "--out",
+        int8.to_str().unwrap(),
+        "--calibration-frames",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let qcard: serde_json::Value =
+        serde_json::from_slice(&fs::read(int8.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(qcard["quantization"], "int8");
+    assert_eq!(qcard["classes"], best["classes"]);
+    let m = &qcard["metrics"];
+    let (a32, a8) = (
+        m["held_out_accuracy_f32"].as_f64().unwrap(),
+        m["held_out_accuracy_int8"].as_f64().unwrap(),
+    );
+    // The f32 figure is the bundle's (same frames, same model in tract).
+    assert!(
+        (a32 - from_bundle["model_only"]["accuracy"].as_f64().unwrap()).abs() < 1e-9,
+        "{}",
+        text(&o)
+    );
+    assert!(
+        a8 >= a32 - 2.0 / 24.0 - 1e-9,
+        "int8 {a8} vs f32 {a32}: {}",
+        text(&o)
+    );
+    assert!(m["tract_ms_int8_1thread"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        qcard["lineage"]["training_config"]["quantization"]["calibration_frames"],
+        32
+    );
+    let o = trainer(&[
+        "quantize",
+        "--model",
+        int8.to_str().unwrap(),
+        "--dataset",
+        ds_s,
+        "--out",
+        dir.path().join("again.onnx").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("quantize the f32 export"), "{}", text(&o));
+    let int8_bundle = dir.path().join("int8.bundle");
+    let o = trainer(&[
+        "bundle",
+        "--onnx",
+        int8.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--name",
+        "ridge",
+        "--version",
+        "t1-int8",
+        "--out",
+        int8_bundle.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = trainer(&[
+        "bundle",
+        "verify",
+        int8_bundle.to_str().unwrap(),
+        "--trusted",
+        public.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("Int8"), "{}", text(&o));
+
     // Distillation from that checkpoint: the student fits its training frames (labels and
     // teacher together), and records its teacher; a teacher of another input is refused.
     let student = dir.path().join("student");

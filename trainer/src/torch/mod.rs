@@ -2,6 +2,7 @@
 //! training loop.
 
 pub mod backend;
+pub mod export;
 pub mod models;
 pub mod optim;
 pub mod train;

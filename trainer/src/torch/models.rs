@@ -109,6 +109,9 @@ pub struct ConvBn {
     pub groups: i64,
 }
 
+/// Batch norm's epsilon (torchvision's); the exporter folds it into the convolutions.
+pub const BN_EPS: f64 = 1e-5;
+
 /// `conv` and `bn` named as torchvision names them under `p`.
 fn conv_bn(
     conv_p: nn::Path,
@@ -131,6 +134,7 @@ fn conv_bn(
         ..Default::default()
     };
     let bn_cfg = nn::BatchNormConfig {
+        eps: BN_EPS,
         ws_init: nn::Init::Const(1.0),
         bs_init: nn::Init::Const(0.0),
         ..Default::default()
