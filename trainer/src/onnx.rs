@@ -17,6 +17,29 @@ pub const IR_VERSION: i64 = 8;
 pub const INPUT: &str = "input";
 pub const OUTPUT: &str = "logits";
 
+/// Writes `bytes` to a hidden temporary file in `out`'s folder (made if missing), to be
+/// checked before `persist(out)` puts it in place: a model that fails its check is not left
+/// behind, and the rename stays on one file system.
+pub fn write_beside_unchecked(
+    out: &std::path::Path,
+    bytes: &[u8],
+) -> anyhow::Result<tempfile::NamedTempFile> {
+    use anyhow::Context;
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".unchecked-")
+        .suffix(".onnx")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    std::fs::write(tmp.path(), bytes)
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    Ok(tmp)
+}
+
 /// An attribute value of a node.
 #[derive(Debug, Clone)]
 pub enum Attr {

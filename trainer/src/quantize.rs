@@ -631,18 +631,7 @@ pub fn quantize(model: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Quan
     )?;
     let bytes = q.encode_to_vec();
 
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".quantize-")
-        .suffix(".onnx")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    std::fs::write(tmp.path(), &bytes)
-        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    let tmp = crate::onnx::write_beside_unchecked(out, &bytes)?;
 
     let b32 = weld_edge::backend::load("tract", model, shape4, 1)?;
     let b8 = weld_edge::backend::load("tract", tmp.path(), shape4, 1)

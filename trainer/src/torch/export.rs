@@ -262,19 +262,7 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportReport> {
     let model = to_onnx(&net, (shape[1], shape[2], shape[3]), c.classes.len(), &doc)?;
     let nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
     let bytes = model.encode_to_vec();
-    // Written to a temporary file first: a model that fails its check is not left behind.
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".export-")
-        .suffix(".onnx")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    std::fs::write(tmp.path(), &bytes)
-        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    let tmp = crate::onnx::write_beside_unchecked(out, &bytes)?;
     let max_abs_diff = parity(tmp.path(), &vs, &net, shape)?;
     if max_abs_diff > PARITY_TOLERANCE {
         bail!(
