@@ -77,14 +77,19 @@ pub enum Command {
         /// rules are unsure of (without one they are reported uncertain).
         #[arg(long, value_enum, default_value_t = PolicyKind::Rules)]
         policy: PolicyKind,
-        /// The model: an ONNX file (with --classes).
+        /// The model: a signed bundle (with --trusted), or a plain ONNX file (with --classes).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// A public key the bundle may be signed by: a `.pub` file or 64 hex digits
+        /// (repeatable).
+        #[arg(long)]
+        trusted: Vec<String>,
         /// The model's classes in logit order, comma-separated (for a plain .onnx).
         #[arg(long, value_delimiter = ',')]
         classes: Vec<String>,
-        /// Inference backend for the model.
-        #[arg(long, default_value = "tract")]
+        /// Inference backend: `auto` (for a bundle, the fastest that reproduces its golden
+        /// outputs; tract for a plain ONNX), `tract` or `ort`.
+        #[arg(long, default_value = "auto")]
         backend: String,
         /// Model probability needed for a confident model answer.
         #[arg(long, default_value_t = 0.8)]
@@ -219,6 +224,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             paths,
             policy,
             model,
+            trusted,
             classes,
             backend,
             model_confident_at,
@@ -241,15 +247,24 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     None
                 }
                 Some(path) => {
-                    if classes.is_empty() {
+                    let plain = !classes.is_empty();
+                    if !plain && trusted.is_empty() {
                         anyhow::bail!(
-                            "--model {} is a plain ONNX file: give its classes with --classes \
-                             good,porosity,...",
+                            "--model {}: give --trusted KEY for a signed bundle, or --classes \
+                             good,porosity,... for a plain ONNX file",
                             path.display()
                         );
                     }
+                    let (bundle, onnx) = if plain {
+                        (None, Some(path))
+                    } else {
+                        (Some(path), None)
+                    };
                     let section = ModelSection {
-                        onnx: path,
+                        bundle,
+                        trusted_keys: trusted,
+                        alternatives: Vec::new(),
+                        onnx,
                         classes,
                         version: None,
                         backend,

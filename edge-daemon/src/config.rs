@@ -140,27 +140,45 @@ pub struct RulesSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// The ONNX file.
-    pub onnx: PathBuf,
-    /// Output classes in logit order.
+    /// A signed model bundle (DESIGN.md "Model bundle"): classes, input, name and version come
+    /// from its manifest. Verified against `trusted_keys` and golden-checked before it runs.
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    /// Public keys a bundle may be signed by: `.pub` files or 64 hex digits.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Other forms of the bundle's model (e.g. its int8 bundle from `weld-trainer quantize`):
+    /// each is considered only when signed by a trusted key, made from the bundle's ONNX, and
+    /// within 1 point of its held-out accuracy; the fastest (bundle, backend) pair that
+    /// reproduces its golden outputs runs.
+    #[serde(default)]
+    pub alternatives: Vec<PathBuf>,
+    /// A plain ONNX file instead of a bundle (development): needs `classes`.
+    #[serde(default)]
+    pub onnx: Option<PathBuf>,
+    /// Output classes in logit order (plain ONNX only).
+    #[serde(default)]
     pub classes: Vec<String>,
-    /// Version reported in results (`model.version`); default: the file's stem.
+    /// Version reported in results (`model.version`, plain ONNX only); default: the file's
+    /// stem.
     #[serde(default)]
     pub version: Option<String>,
-    /// Inference backend: `tract` (built in) or `ort` (needs the `ort` build feature).
+    /// Inference backend: `auto` (a bundle: the fastest backend of this build that reproduces
+    /// its golden outputs; a plain ONNX: tract), `tract` (built in) or `ort` (needs the `ort`
+    /// build feature).
     #[serde(default = "default_backend")]
     pub backend: String,
     /// ONNX Runtime's shared library (backend `ort`); default: the `ORT_DYLIB_PATH` variable.
     #[serde(default)]
     pub ort_library: Option<PathBuf>,
-    /// The model's input (channels, size, normalisation); default 224x224 RGB with ImageNet
-    /// statistics.
+    /// The model's input (channels, size, normalisation; plain ONNX only); default 224x224 RGB
+    /// with ImageNet statistics.
     #[serde(default)]
     pub input: Option<InputSpec>,
 }
 
 fn default_backend() -> String {
-    "tract".into()
+    crate::model::AUTO_BACKEND.into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -377,16 +395,69 @@ impl Config {
 
 fn model_problems(m: &ModelSection) -> Vec<String> {
     let mut out = Vec::new();
-    if !m.onnx.is_file() {
-        out.push(format!(
-            "model.onnx = {:?}: no such file",
-            m.onnx.display().to_string()
-        ));
+    match (&m.bundle, &m.onnx) {
+        (Some(_), Some(_)) => out.push(
+            "model: give either bundle (a signed bundle) or onnx (a plain ONNX file), not both"
+                .into(),
+        ),
+        (None, None) => out.push("model: give bundle (a signed bundle) or onnx".into()),
+        (Some(b), None) => {
+            if !b.is_file() {
+                out.push(format!(
+                    "model.bundle = {:?}: no such file",
+                    b.display().to_string()
+                ));
+            }
+            if m.trusted_keys.is_empty() {
+                out.push(
+                    "model.trusted_keys is empty: a bundle is only run when signed by a \
+                     trusted key"
+                        .into(),
+                );
+            }
+            for (i, k) in m.trusted_keys.iter().enumerate() {
+                if let Err(e) = weld_core::bundle::read_verifying_key(k) {
+                    out.push(format!("model.trusted_keys[{i}]: {e}"));
+                }
+            }
+            for (i, a) in m.alternatives.iter().enumerate() {
+                if !a.is_file() {
+                    out.push(format!(
+                        "model.alternatives[{i}] = {:?}: no such file",
+                        a.display().to_string()
+                    ));
+                }
+            }
+            for (set, key) in [
+                (!m.classes.is_empty(), "classes"),
+                (m.input.is_some(), "input"),
+                (m.version.is_some(), "version"),
+            ] {
+                if set {
+                    out.push(format!(
+                        "model.{key}: a bundle's manifest gives it; set it for a plain onnx only"
+                    ));
+                }
+            }
+        }
+        (None, Some(onnx)) => {
+            if !onnx.is_file() {
+                out.push(format!(
+                    "model.onnx = {:?}: no such file",
+                    onnx.display().to_string()
+                ));
+            }
+            out.extend(class_list_problems("model.classes", &m.classes));
+            if !m.alternatives.is_empty() {
+                out.push("model.alternatives: only with a bundle".into());
+            }
+        }
     }
-    out.extend(class_list_problems("model.classes", &m.classes));
-    if !crate::backend::available().contains(&m.backend.as_str()) {
+    if m.backend != crate::model::AUTO_BACKEND
+        && !crate::backend::available().contains(&m.backend.as_str())
+    {
         out.push(format!(
-            "model.backend = {:?}: this build has {}{}",
+            "model.backend = {:?}: this build has auto, {}{}",
             m.backend,
             crate::backend::available().join(", "),
             if m.backend == "ort" {
@@ -487,6 +558,60 @@ mod tests {
         assert!(p.iter().any(|l| l.contains("model.onnx")), "{p:#?}");
         assert!(p.iter().any(|l| l.contains("model.classes[1]")), "{p:#?}");
         assert!(p.iter().any(|l| l.contains("model.backend")), "{p:#?}");
+    }
+
+    #[test]
+    fn a_bundle_section_is_checked() {
+        let problems = |text: &str| -> Vec<String> {
+            let file: ConfigFile = toml::from_str(text).unwrap();
+            match file.validate() {
+                Err(ConfigError::Invalid(p)) => p,
+                other => panic!("expected problems, got {other:?}"),
+            }
+        };
+        let p = problems(
+            r#"
+            [model]
+            bundle = "/nonexistent/m.bundle"
+            classes = ["good", "porosity"]
+        "#,
+        );
+        assert!(p.iter().any(|l| l.contains("model.bundle")), "{p:#?}");
+        assert!(
+            p.iter().any(|l| l.contains("model.trusted_keys is empty")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.contains("model.classes: a bundle's manifest")),
+            "{p:#?}"
+        );
+        let p = problems(
+            r#"
+            [model]
+            bundle = "/nonexistent/m.bundle"
+            onnx = "/nonexistent/m.onnx"
+        "#,
+        );
+        assert!(p.iter().any(|l| l.contains("not both")), "{p:#?}");
+        let p = problems(
+            r#"
+            [model]
+            bundle = "/nonexistent/m.bundle"
+            trusted_keys = ["not-a-key"]
+            alternatives = ["/nonexistent/int8.bundle"]
+        "#,
+        );
+        assert!(
+            p.iter().any(|l| l.contains("model.trusted_keys[0]")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter().any(|l| l.contains("model.alternatives[0]")),
+            "{p:#?}"
+        );
+        let p = problems("[model]\nbackend = \"ort\"\n");
+        assert!(p.iter().any(|l| l.contains("give bundle")), "{p:#?}");
     }
 
     #[test]

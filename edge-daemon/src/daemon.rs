@@ -50,7 +50,9 @@ pub struct RunReport {
     pub model_runs: u64,
 }
 
-/// Loads the configured model; `Ok(None)` when none is configured.
+/// Loads the configured model; `Ok(None)` when none is configured. A bundle is verified and
+/// golden-checked (with backend `auto`, in every backend this build has, the fastest that
+/// passes kept, and the trials logged); a plain ONNX with backend `auto` runs on tract.
 pub fn load_model(
     section: Option<&ModelSection>,
     workers: usize,
@@ -58,15 +60,50 @@ pub fn load_model(
     let Some(m) = section else {
         return Ok(None);
     };
-    let options = ModelOptions {
+    let mut options = ModelOptions {
         backend: m.backend.clone(),
         threads: workers,
         ort_library: m.ort_library.clone(),
         name: None,
         version: m.version.clone(),
     };
+    if let Some(bundle) = &m.bundle {
+        let loaded = Model::from_bundles(bundle, &m.alternatives, &m.trusted_keys, &options)?;
+        for t in &loaded.trials {
+            match &t.outcome {
+                Ok(p) => tracing::info!(
+                    bundle = %t.bundle,
+                    backend = %t.backend,
+                    ms = format!("{:.2}", p.ms),
+                    golden_deviation = format!("{:.1e}", p.deviation),
+                    chosen = t.backend == loaded.model.backend_name()
+                        && t.bundle == format!("{} {}", loaded.manifest.name, loaded.manifest.version),
+                    "backend trial"
+                ),
+                Err(why) => {
+                    tracing::warn!(bundle = %t.bundle, backend = %t.backend, %why, "not usable")
+                }
+            }
+        }
+        tracing::info!(
+            bundle = %bundle.display(),
+            signer = %loaded.signer,
+            version = %loaded.manifest.version,
+            quantization = ?loaded.manifest.quantization,
+            backend = loaded.model.backend_name(),
+            "bundle verified; running this form"
+        );
+        return Ok(Some(loaded.model));
+    }
+    let Some(onnx) = &m.onnx else {
+        return Ok(None);
+    };
+    if options.backend == crate::model::AUTO_BACKEND {
+        // A plain ONNX has no golden outputs to prove another runtime equivalent.
+        options.backend = "tract".into();
+    }
     let input = m.input.clone().unwrap_or_else(|| InputSpec::rgb(224));
-    Model::from_onnx(&m.onnx, m.classes.clone(), input, &options).map(Some)
+    Model::from_onnx(onnx, m.classes.clone(), input, &options).map(Some)
 }
 
 /// The shared state and the pipeline settings for `cfg`, with the model loaded (or the reason

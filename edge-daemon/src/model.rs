@@ -7,11 +7,17 @@
 //! because its class list or input spec belongs to another model is refused at load, not
 //! discovered on the line.
 //!
-//! Sources of a model: [`Model::from_onnx`] (a plain `.onnx` plus classes and spec, for
-//! development and tests) and [`Model::from_backend`] (anything already loaded). Signed model
-//! bundles (DESIGN.md "Model bundle") will add `Model::from_bundle`: verify the signature and
-//! the ONNX sha256, then call [`Model::from_onnx`] with the manifest's classes, input, name and
-//! version, so the checks here apply to bundles too.
+//! Sources of a model: [`Model::from_bundle`] (a signed bundle, DESIGN.md "Model bundle":
+//! signature and hashes verified, then [`Model::from_onnx`] with the manifest's classes,
+//! input, name and version, then the bundle's golden check), [`Model::from_onnx`] (a plain
+//! `.onnx` plus classes and spec, for development and tests) and [`Model::from_backend`]
+//! (anything already loaded).
+//!
+//! A bundle's golden check is what lets a device choose its backend: with backend `auto`,
+//! every backend this build has loads the model, runs the golden inputs, and the fastest one
+//! that reproduces the bundle's logits within its tolerance runs the line. A backend that
+//! cannot prove itself is never chosen; a bundle without golden inputs runs on tract, the
+//! backend the trainer checks every model in.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,7 +28,13 @@ use weld_core::Frame;
 use weld_core::manifest::InputSpec;
 use weld_core::preprocess::{PreprocessError, preprocess};
 
+use weld_core::bundle::{self, Bundle, BundleError};
+use weld_core::manifest::Golden;
+
 use crate::backend::{self, Backend, BackendError, BackendOptions, OnnxInfo};
+
+/// The backend name that lets the golden check choose ([`Model::from_bundle`]).
+pub const AUTO_BACKEND: &str = "auto";
 
 /// Everything that can go wrong loading a model or classifying a frame with it.
 #[derive(Debug, Error)]
@@ -94,7 +106,96 @@ pub enum ModelError {
         /// Why.
         source: PreprocessError,
     },
+    /// The bundle is malformed, unsigned, signed by an untrusted key or changed after signing.
+    #[error("{}: {source}", path.display())]
+    Bundle {
+        /// The bundle file.
+        path: PathBuf,
+        /// What is wrong.
+        source: BundleError,
+    },
+    /// A trusted key could not be read.
+    #[error("trusted key: {0}")]
+    Key(BundleError),
+    /// The model's ONNX could not be written where the backends read it.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The model does not reproduce a golden output of its bundle in this backend.
+    #[error(
+        "model {model:?} on {backend}: golden input {index} gives logits {deviation:.2e} off \
+         the bundle's (relative to its largest logit; at most {tolerance:.1e} is accepted): \
+         this runtime does not compute what the model was signed with"
+    )]
+    Golden {
+        /// Model name.
+        model: String,
+        /// The backend that ran it.
+        backend: &'static str,
+        /// Which golden input.
+        index: usize,
+        /// The worst relative difference.
+        deviation: f32,
+        /// The bundle's tolerance.
+        tolerance: f32,
+    },
+    /// An alternative form of the model may not stand in for it.
+    #[error("{bundle}: not used as an alternative: {why}")]
+    Alternative {
+        /// The alternative bundle.
+        bundle: String,
+        /// Why.
+        why: String,
+    },
+    /// Backend `auto`, and no backend both loaded the model and passed its golden check.
+    #[error("model {model:?}: no backend can run it: {}", trials.join("; "))]
+    NoBackend {
+        /// Model name.
+        model: String,
+        /// Each backend tried and why it failed.
+        trials: Vec<String>,
+    },
 }
+
+/// How one backend fared on a bundle: loaded, reproduced the golden logits, and how fast.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendTrial {
+    /// The bundle's name and version (an alternative refused before any backend: its path).
+    pub bundle: String,
+    /// `tract` or `ort` (empty when the bundle was refused before any backend).
+    pub backend: String,
+    /// Median ms of one inference of the first golden input (of a zero input without
+    /// golden inputs), or why the backend cannot run the model.
+    pub outcome: Result<TrialPass, String>,
+}
+
+/// A backend that passed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrialPass {
+    /// Median ms of one inference, one caller.
+    pub ms: f64,
+    /// Worst relative golden deviation (0 without golden inputs).
+    pub deviation: f32,
+}
+
+/// A model loaded from a bundle (or the fastest of its forms), and how it was chosen.
+#[derive(Debug)]
+pub struct BundleModel {
+    pub model: Model,
+    /// The manifest of the bundle that runs.
+    pub manifest: weld_core::manifest::ModelManifest,
+    /// The key that signed the primary bundle.
+    pub signer: String,
+    /// Every (bundle, backend) pair tried, the chosen one among them.
+    pub trials: Vec<BackendTrial>,
+}
+
+/// Inferences timed per backend when choosing one (after the golden run, which warms up).
+const TRIAL_RUNS: usize = 5;
 
 /// How to load a model from a plain `.onnx` file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,6 +337,141 @@ impl Model {
         Ok(model)
     }
 
+    /// Loads a signed bundle as a device installs it: the layout, the signature against
+    /// `trusted` (`.pub` files or hex keys), the hashes, then the model in `options.backend`
+    /// with the manifest's classes, input, name and version, then the golden check. With
+    /// backend [`AUTO_BACKEND`], every available backend is tried and the fastest that passes
+    /// is kept. `options.name` and `options.version` are ignored: the manifest's are used.
+    pub fn from_bundle(
+        path: &Path,
+        trusted: &[String],
+        options: &ModelOptions,
+    ) -> Result<BundleModel, ModelError> {
+        Model::from_bundles(path, &[], trusted, options)
+    }
+
+    /// [`Model::from_bundle`] over `primary` and other forms of the same model
+    /// (`alternatives`, e.g. its int8 bundle): every (bundle, backend) pair that passes runs
+    /// its golden inputs, and the fastest is kept. An alternative is considered only when
+    /// [`alternative_problem`] finds nothing wrong with it: same classes and input, made from
+    /// `primary`'s ONNX, and within [`MAX_ACCURACY_DROP`] of its held-out accuracy as
+    /// measured by the trainer. An alternative that fails is reported in the trials, never
+    /// fatal; `primary` failing everywhere is.
+    pub fn from_bundles(
+        primary: &Path,
+        alternatives: &[PathBuf],
+        trusted: &[String],
+        options: &ModelOptions,
+    ) -> Result<BundleModel, ModelError> {
+        let keys = trusted
+            .iter()
+            .map(|t| bundle::read_verifying_key(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ModelError::Key)?;
+        let read = |path: &Path| -> Result<(Bundle, String), ModelError> {
+            let bad = |source| ModelError::Bundle {
+                path: path.to_owned(),
+                source,
+            };
+            let b = Bundle::read(path).map_err(bad)?;
+            let signer = b.verify(&keys).map_err(bad)?;
+            Ok((b, bundle::key_id(&signer)))
+        };
+        let (first, signer) = read(primary)?;
+        let mut trials = Vec::new();
+        let mut best: Option<(Model, f64, usize)> = None;
+        let mut last_error = None;
+        let mut manifests = vec![first.manifest.clone()];
+        try_bundle(&first, 0, options, &mut trials, &mut best, &mut last_error)?;
+        let primary_trials = trials.len();
+        for (i, path) in alternatives.iter().enumerate() {
+            let name = path.display().to_string();
+            let checked = read(path).and_then(|(b, _)| {
+                match alternative_problem(&first.manifest, &b.manifest) {
+                    Some(why) => Err(ModelError::Alternative {
+                        bundle: name.clone(),
+                        why,
+                    }),
+                    None => Ok(b),
+                }
+            });
+            match checked {
+                Ok(b) => {
+                    manifests.push(b.manifest.clone());
+                    try_bundle(&b, i + 1, options, &mut trials, &mut best, &mut None)?;
+                }
+                Err(e) => trials.push(BackendTrial {
+                    bundle: name,
+                    backend: String::new(),
+                    outcome: Err(e.to_string()),
+                }),
+            }
+        }
+        let (model, _, index) = match (best, last_error) {
+            (Some(b), _) => b,
+            // One backend asked for by name: its own error.
+            (None, Some(e)) if primary_trials == 1 => return Err(e),
+            (None, _) => {
+                return Err(ModelError::NoBackend {
+                    model: first.manifest.name.clone(),
+                    trials: trials
+                        .iter()
+                        .map(|t| match &t.outcome {
+                            Err(why) => format!("{} on {}: {why}", t.bundle, t.backend),
+                            Ok(_) => format!("{} on {}", t.bundle, t.backend),
+                        })
+                        .collect(),
+                });
+            }
+        };
+        Ok(BundleModel {
+            model,
+            manifest: manifests.swap_remove(index),
+            signer,
+            trials,
+        })
+    }
+
+    /// Runs every golden input and compares with the bundle's logits; returns the worst
+    /// relative deviation, or the first input that is off by more than the tolerance.
+    pub fn check_golden(&self, golden: &Golden, inputs: &Array4<f32>) -> Result<f32, ModelError> {
+        let mut worst = 0.0f32;
+        for i in 0..inputs.shape()[0] {
+            let x = inputs.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned();
+            let got = self.logits(&x)?;
+            let deviation = golden.deviation(i, &got).unwrap_or(f32::INFINITY);
+            if deviation > golden.tolerance {
+                return Err(ModelError::Golden {
+                    model: self.name.clone(),
+                    backend: self.backend.name(),
+                    index: i,
+                    deviation,
+                    tolerance: golden.tolerance,
+                });
+            }
+            worst = worst.max(deviation);
+        }
+        Ok(worst)
+    }
+
+    /// The logits of one input tensor (batch 1, the model's input shape), checked.
+    pub fn infer(&self, input: &Array4<f32>) -> Result<Vec<f32>, ModelError> {
+        self.logits(input)
+    }
+
+    /// Median ms of `runs` inferences of `input`.
+    fn median_ms(&self, input: &Array4<f32>, runs: usize) -> Result<f64, ModelError> {
+        let mut t = (0..runs.max(1))
+            .map(|_| {
+                let start = Instant::now();
+                self.logits(input)
+                    .map(|_| start.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect::<Result<Vec<f64>, _>>()?;
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    }
+
     /// Classifies one frame.
     pub fn predict(&self, frame: &Frame) -> Result<Prediction, ModelError> {
         if self.input.needs_depth() && frame.depth().is_none() {
@@ -308,6 +544,138 @@ impl Model {
     /// The backend that runs it (`tract` or `ort`).
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+}
+
+/// Tries `b` on each candidate backend of `options`, recording a trial per backend and keeping
+/// the fastest model that passes in `best` (with `index`, the bundle's place in the list).
+/// Only a bundle that cannot even be unpacked is an error here.
+fn try_bundle(
+    b: &Bundle,
+    index: usize,
+    options: &ModelOptions,
+    trials: &mut Vec<BackendTrial>,
+    best: &mut Option<(Model, f64, usize)>,
+    last_error: &mut Option<ModelError>,
+) -> Result<(), ModelError> {
+    let m = &b.manifest;
+    let golden = m.golden.as_ref().zip(b.golden_inputs());
+    // Backends read the ONNX from a file; the bundle's copy lives as long as the loading.
+    let dir = tempfile::tempdir().map_err(|source| ModelError::Io {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let onnx = dir.path().join(bundle::MODEL_FILE);
+    std::fs::write(&onnx, &b.onnx).map_err(|source| ModelError::Io {
+        path: onnx.clone(),
+        source,
+    })?;
+    let candidates: Vec<&str> = if options.backend == AUTO_BACKEND {
+        if golden.is_some() {
+            backend::available().to_vec()
+        } else {
+            vec!["tract"]
+        }
+    } else {
+        vec![options.backend.as_str()]
+    };
+    for kind in candidates {
+        let opts = ModelOptions {
+            backend: kind.to_string(),
+            name: Some(m.name.clone()),
+            version: Some(m.version.clone()),
+            ..options.clone()
+        };
+        let tried =
+            Model::from_onnx(&onnx, m.classes.clone(), m.input.clone(), &opts).and_then(|model| {
+                let deviation = match &golden {
+                    Some((g, x)) => model.check_golden(g, x)?,
+                    None => 0.0,
+                };
+                let probe = match &golden {
+                    Some((_, x)) => x.slice(ndarray::s![0..1, .., .., ..]).to_owned(),
+                    None => Array4::zeros(input_shape(&m.input)),
+                };
+                let ms = model.median_ms(&probe, TRIAL_RUNS)?;
+                Ok((model, TrialPass { ms, deviation }))
+            });
+        let bundle = format!("{} {}", m.name, m.version);
+        match tried {
+            Ok((model, pass)) => {
+                trials.push(BackendTrial {
+                    bundle,
+                    backend: kind.to_string(),
+                    outcome: Ok(pass),
+                });
+                if best.as_ref().is_none_or(|(_, ms, _)| pass.ms < *ms) {
+                    *best = Some((model, pass.ms, index));
+                }
+            }
+            Err(e) => {
+                trials.push(BackendTrial {
+                    bundle,
+                    backend: kind.to_string(),
+                    outcome: Err(e.to_string()),
+                });
+                *last_error = Some(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Held-out accuracy an alternative form may lose against the model it was made from.
+pub const MAX_ACCURACY_DROP: f64 = 0.01;
+
+/// Why `alt` may not stand in for `primary`, if anything: other classes or input, not made
+/// from `primary`'s ONNX (its lineage, written by `weld-trainer quantize`, names the sha256 of
+/// the f32 model it came from), or no held-out accuracy figures, or more than
+/// [`MAX_ACCURACY_DROP`] lost by them.
+pub fn alternative_problem(
+    primary: &weld_core::manifest::ModelManifest,
+    alt: &weld_core::manifest::ModelManifest,
+) -> Option<String> {
+    if alt.classes != primary.classes {
+        return Some(format!(
+            "its classes ({}) are not the model's ({})",
+            alt.classes.join(", "),
+            primary.classes.join(", ")
+        ));
+    }
+    if alt.input != primary.input {
+        return Some("its input spec is not the model's".into());
+    }
+    let from = alt
+        .lineage
+        .training_config
+        .pointer("/quantization/from_onnx_sha256")
+        .and_then(|v| v.as_str());
+    if !from.is_some_and(|f| f.eq_ignore_ascii_case(&primary.onnx_sha256)) {
+        return Some(format!(
+            "it was not made from this model's ONNX (sha256 {}; its lineage names {})",
+            primary.onnx_sha256,
+            from.unwrap_or("none")
+        ));
+    }
+    let figure = |k: &str| alt.metrics.get(k).copied();
+    match (
+        figure("held_out_accuracy_f32"),
+        figure("held_out_accuracy_int8"),
+    ) {
+        (Some(f32_acc), Some(int8_acc)) if f32_acc - int8_acc <= MAX_ACCURACY_DROP => None,
+        (Some(f32_acc), Some(int8_acc)) => Some(format!(
+            "it loses {:.1} points of held-out accuracy ({:.1} % against {:.1} %), more than \
+             the {:.0} allowed",
+            100.0 * (f32_acc - int8_acc),
+            100.0 * int8_acc,
+            100.0 * f32_acc,
+            100.0 * MAX_ACCURACY_DROP
+        )),
+        _ => Some(
+            "its manifest has no held-out accuracy figures (held_out_accuracy_f32 and \
+             held_out_accuracy_int8, from `weld-trainer quantize --split`)"
+                .into(),
+        ),
     }
 }
 

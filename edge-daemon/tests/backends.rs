@@ -441,3 +441,215 @@ fn height_model_on_a_frame_without_depth_is_a_clear_error() {
         "{text}"
     );
 }
+
+const KEY_SEED: [u8; 32] = [7; 32];
+
+/// Signs reference model `model` into DIR/`file`, with a golden check of the reference input
+/// and tract's logits for it at `tolerance` (`None`: no golden check); `tweak` edits the
+/// manifest before signing.
+fn sign_bundle(
+    dir: &Path,
+    file: &str,
+    model: &str,
+    tolerance: Option<f32>,
+    tweak: impl FnOnce(&mut weld_core::manifest::ModelManifest),
+) -> PathBuf {
+    use weld_core::bundle::Bundle;
+    use weld_core::manifest::{Golden, ModelManifest, Quantization};
+    let onnx = std::fs::read(models_dir().join(model)).unwrap();
+    let x = reference_input();
+    let tract = backend::load("tract", &models_dir().join(model), SHAPE, 1).unwrap();
+    let logits = tract.infer(x.view()).unwrap().row(0).to_vec();
+    let golden = tolerance.map(|tolerance| Golden {
+        sha256: String::new(),
+        count: 1,
+        logits: vec![logits],
+        backend: "tract".into(),
+        tolerance,
+    });
+    let mut manifest = ModelManifest {
+        name: "ref".into(),
+        version: file.into(),
+        created: chrono::Utc::now(),
+        architecture: "mobilenet_v2".into(),
+        classes: ["good", "porosity", "undercut"].map(String::from).to_vec(),
+        input: InputSpec::rgb(224),
+        onnx_sha256: String::new(),
+        quantization: Quantization::F32,
+        metrics: Default::default(),
+        lineage: Default::default(),
+        golden,
+    };
+    tweak(&mut manifest);
+    let key = ed25519_dalek::SigningKey::from_bytes(&KEY_SEED);
+    let golden_bytes = tolerance.map(|_| Bundle::golden_bytes(&x));
+    let b = Bundle::sign(manifest, onnx, golden_bytes, &key).unwrap();
+    let path = dir.join(file);
+    std::fs::write(&path, b.to_tar().unwrap()).unwrap();
+    path
+}
+
+fn trusted_key() -> String {
+    hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&KEY_SEED)
+            .verifying_key()
+            .as_bytes(),
+    )
+}
+
+/// The reference f32 model signed with a golden check at `tolerance`.
+fn reference_bundle(dir: &Path, tolerance: Option<f32>) -> (PathBuf, String) {
+    (
+        sign_bundle(dir, "f32.bundle", F32_MODEL, tolerance, |_| {}),
+        trusted_key(),
+    )
+}
+
+fn auto() -> ModelOptions {
+    ModelOptions {
+        backend: "auto".into(),
+        ..ModelOptions::default()
+    }
+}
+
+#[test]
+fn auto_tries_every_backend_on_the_golden_inputs_and_keeps_the_fastest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = reference_bundle(dir.path(), Some(1e-3));
+    let loaded = Model::from_bundle(&path, &[key], &auto()).unwrap();
+    let tried: Vec<&str> = loaded.trials.iter().map(|t| t.backend.as_str()).collect();
+    assert_eq!(tried, backend::available(), "{:?}", loaded.trials);
+    let passes: Vec<(&str, f64, f32)> = loaded
+        .trials
+        .iter()
+        .map(|t| {
+            let p = t
+                .outcome
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{}: {e}", t.backend));
+            (t.backend.as_str(), p.ms, p.deviation)
+        })
+        .collect();
+    // tract computed the golden logits: it reproduces them exactly.
+    assert_eq!(passes[0].2, 0.0);
+    let fastest = passes.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(loaded.model.backend_name(), fastest.0, "{passes:?}");
+    assert_eq!(loaded.model.version(), "f32.bundle");
+    assert_eq!(loaded.model.classes().len(), 3);
+}
+
+#[test]
+fn a_backend_that_does_not_reproduce_the_golden_logits_is_not_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    // Tighter than any other runtime's summation order allows: only tract itself passes.
+    let (path, key) = reference_bundle(dir.path(), Some(1e-12));
+    let loaded = Model::from_bundle(&path, std::slice::from_ref(&key), &auto()).unwrap();
+    assert_eq!(loaded.model.backend_name(), "tract");
+    for t in loaded.trials.iter().filter(|t| t.backend != "tract") {
+        let why = t
+            .outcome
+            .as_ref()
+            .expect_err("ort cannot match tract to 1e-12");
+        assert!(why.contains("golden input 0 gives logits"), "{why}");
+    }
+    // Asked for by name, the failing backend's own error comes back.
+    #[cfg(feature = "ort")]
+    {
+        let options = ModelOptions {
+            backend: "ort".into(),
+            ..ModelOptions::default()
+        };
+        let e = Model::from_bundle(&path, &[key], &options).unwrap_err();
+        assert!(matches!(e, ModelError::Golden { index: 0, .. }), "{e}");
+    }
+}
+
+#[test]
+fn without_golden_inputs_auto_runs_the_bundle_on_tract_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = reference_bundle(dir.path(), None);
+    let loaded = Model::from_bundle(&path, std::slice::from_ref(&key), &auto()).unwrap();
+    assert_eq!(loaded.trials.len(), 1);
+    assert_eq!(loaded.model.backend_name(), "tract");
+    // An untrusted key: refused before any backend is tried.
+    let other = hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&[8; 32])
+            .verifying_key()
+            .as_bytes(),
+    );
+    let e = Model::from_bundle(&path, &[other], &auto()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("does not verify with any trusted key"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_int8_form_is_used_only_when_made_from_the_model_and_as_accurate() {
+    use weld_core::manifest::Quantization;
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, key) = reference_bundle(dir.path(), Some(1e-3));
+    let f32_sha = weld_core::bundle::Bundle::read(&primary)
+        .unwrap()
+        .manifest
+        .onnx_sha256;
+    // An int8 form as `weld-trainer quantize` describes one: its lineage names the f32 ONNX,
+    // its metrics the held-out accuracy of both.
+    let int8 = |file: &str, from: &str, f32_acc: f64, int8_acc: f64| {
+        let from = from.to_string();
+        sign_bundle(dir.path(), file, QDQ_MODEL, Some(5e-2), move |m| {
+            m.quantization = Quantization::Int8;
+            m.lineage.training_config =
+                serde_json::json!({"quantization": {"from_onnx_sha256": from}});
+            m.metrics.insert("held_out_accuracy_f32".into(), f32_acc);
+            m.metrics.insert("held_out_accuracy_int8".into(), int8_acc);
+        })
+    };
+    let good = int8("good.bundle", &f32_sha, 0.90, 0.895);
+    let worse = int8("worse.bundle", &f32_sha, 0.90, 0.85);
+    let foreign = int8("foreign.bundle", &"ab".repeat(32), 0.90, 0.90);
+    let loaded = Model::from_bundles(
+        &primary,
+        &[good, worse.clone(), foreign.clone()],
+        &[key],
+        &auto(),
+    )
+    .unwrap();
+    let refused = |path: &Path| {
+        loaded
+            .trials
+            .iter()
+            .find(|t| t.bundle == path.display().to_string())
+            .and_then(|t| t.outcome.clone().err())
+            .unwrap_or_else(|| panic!("{} not refused: {:?}", path.display(), loaded.trials))
+    };
+    assert!(
+        refused(&worse).contains("loses 5.0 points"),
+        "{}",
+        refused(&worse)
+    );
+    assert!(
+        refused(&foreign).contains("not made from this model"),
+        "{}",
+        refused(&foreign)
+    );
+    // Both accepted forms ran on every backend; the fastest pair runs.
+    let passed: Vec<_> = loaded
+        .trials
+        .iter()
+        .filter_map(|t| t.outcome.as_ref().ok().map(|p| (t, p.ms)))
+        .collect();
+    assert_eq!(
+        passed.len(),
+        2 * backend::available().len(),
+        "{:?}",
+        loaded.trials
+    );
+    let (fastest, _) = passed.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(fastest.backend, loaded.model.backend_name());
+    assert_eq!(
+        fastest.bundle,
+        format!("{} {}", loaded.manifest.name, loaded.manifest.version)
+    );
+}

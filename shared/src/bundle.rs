@@ -1,6 +1,7 @@
 //! Model bundles (DESIGN.md "Model bundle"): one uncompressed tar holding `manifest.json`,
-//! `model.onnx` and `manifest.sig`, an ed25519 signature of the manifest's exact bytes. The
-//! manifest carries the ONNX file's sha256, so the signature covers the model too.
+//! `model.onnx`, `manifest.sig` (an ed25519 signature of the manifest's exact bytes) and,
+//! when the manifest has a `golden` check, `golden.bin` (its inputs). The manifest carries the
+//! sha256 of the ONNX file and of `golden.bin`, so the signature covers them too.
 //!
 //! What this module checks is what needs no inference runtime: the tar's layout and sizes,
 //! the manifest, the signature against trusted keys and the ONNX hash. Whether the model
@@ -19,11 +20,14 @@ use crate::manifest::{ManifestError, ModelManifest};
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const MODEL_FILE: &str = "model.onnx";
 pub const SIGNATURE_FILE: &str = "manifest.sig";
+pub const GOLDEN_FILE: &str = "golden.bin";
 
 /// Largest manifest accepted: manifests are a few kB; this bounds memory on hostile input.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// Largest ONNX file accepted (a ResNet50 in f32 is ~100 MB).
 pub const MAX_MODEL_BYTES: u64 = 1 << 30;
+/// Largest `golden.bin` accepted (a few preprocessed 224x224 inputs are ~0.6 MB each).
+pub const MAX_GOLDEN_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Error)]
 pub enum BundleError {
@@ -40,9 +44,11 @@ pub enum BundleError {
     Duplicate(String),
     #[error(
         "the bundle holds {0:?}, which is not part of a bundle ({MANIFEST_FILE}, {MODEL_FILE}, \
-         {SIGNATURE_FILE})"
+         {SIGNATURE_FILE}, {GOLDEN_FILE})"
     )]
     Unexpected(String),
+    #[error("{GOLDEN_FILE}: {0}")]
+    Golden(String),
     #[error("{name} is {size} bytes, over the limit of {limit}")]
     TooLarge { name: String, size: u64, limit: u64 },
     #[error("{SIGNATURE_FILE} is {0} bytes; an ed25519 signature is 64")]
@@ -73,6 +79,8 @@ pub struct Bundle {
     pub manifest_bytes: Vec<u8>,
     pub onnx: Vec<u8>,
     pub signature: [u8; 64],
+    /// `golden.bin`, present exactly when the manifest has a `golden` check.
+    pub golden: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for Bundle {
@@ -81,6 +89,7 @@ impl fmt::Debug for Bundle {
             .field("name", &self.manifest.name)
             .field("version", &self.manifest.version)
             .field("onnx_bytes", &self.onnx.len())
+            .field("golden_bytes", &self.golden.as_ref().map(Vec::len))
             .finish()
     }
 }
@@ -96,13 +105,25 @@ pub fn key_id(key: &VerifyingKey) -> String {
 }
 
 impl Bundle {
-    /// Signs `manifest` (its `onnx_sha256` set from `onnx`) with `key`.
+    /// Signs `manifest` (its `onnx_sha256` set from `onnx`) with `key`. `golden` is the
+    /// `golden.bin` of the manifest's golden check (its sha256 is set from it); both or
+    /// neither.
     pub fn sign(
         mut manifest: ModelManifest,
         onnx: Vec<u8>,
+        golden: Option<Vec<u8>>,
         key: &SigningKey,
     ) -> Result<Bundle, BundleError> {
         manifest.onnx_sha256 = sha256_hex(&onnx);
+        match (&mut manifest.golden, &golden) {
+            (Some(g), Some(bytes)) => g.sha256 = sha256_hex(bytes),
+            (None, None) => {}
+            _ => {
+                return Err(BundleError::Golden(
+                    "the manifest's golden check and the golden inputs come together".into(),
+                ));
+            }
+        }
         let problems = manifest.problems();
         if !problems.is_empty() {
             return Err(ManifestError::Invalid(problems).into());
@@ -111,22 +132,73 @@ impl Bundle {
             serde_json::to_vec_pretty(&manifest).map_err(ManifestError::Parse)?;
         manifest_bytes.push(b'\n');
         let signature = key.sign(&manifest_bytes).to_bytes();
-        Ok(Bundle {
+        let bundle = Bundle {
             manifest,
             manifest_bytes,
             onnx,
             signature,
-        })
+            golden,
+        };
+        bundle.check_golden()?;
+        Ok(bundle)
+    }
+
+    /// The golden inputs as `count` NCHW tensors, when the manifest has a golden check.
+    pub fn golden_inputs(&self) -> Option<ndarray::Array4<f32>> {
+        let (g, bytes) = (self.manifest.golden.as_ref()?, self.golden.as_ref()?);
+        let [w, h] = self.manifest.input.size;
+        let shape = (
+            g.count,
+            self.manifest.input.channels.len(),
+            h as usize,
+            w as usize,
+        );
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        ndarray::Array4::from_shape_vec(shape, values).ok()
+    }
+
+    /// `golden.bin` encoded from `inputs` (NCHW, one tensor per golden input).
+    pub fn golden_bytes(inputs: &ndarray::Array4<f32>) -> Vec<u8> {
+        inputs.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// `golden.bin` is there exactly when the manifest asks for it, with its size.
+    fn check_golden(&self) -> Result<(), BundleError> {
+        match (&self.manifest.golden, &self.golden) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(BundleError::Missing(GOLDEN_FILE)),
+            (None, Some(_)) => Err(BundleError::Golden(
+                "present, but the manifest has no golden check".into(),
+            )),
+            (Some(g), Some(bytes)) => {
+                let want = g.expected_bytes(&self.manifest.input);
+                if bytes.len() as u64 == want {
+                    Ok(())
+                } else {
+                    Err(BundleError::Golden(format!(
+                        "{} bytes, but {} inputs of the manifest's input need {want}",
+                        bytes.len(),
+                        g.count
+                    )))
+                }
+            }
+        }
     }
 
     /// The bundle as an uncompressed tar (manifest first, so a reader can stop early).
     pub fn to_tar(&self) -> io::Result<Vec<u8>> {
         let mut builder = tar::Builder::new(Vec::new());
-        let parts: [(&str, &[u8]); 3] = [
+        let mut parts: Vec<(&str, &[u8])> = vec![
             (MANIFEST_FILE, &self.manifest_bytes),
             (MODEL_FILE, &self.onnx),
             (SIGNATURE_FILE, &self.signature),
         ];
+        if let Some(g) = &self.golden {
+            parts.push((GOLDEN_FILE, g));
+        }
         for (name, bytes) in parts {
             let mut header = tar::Header::new_ustar();
             header.set_size(bytes.len() as u64);
@@ -147,12 +219,12 @@ impl Bundle {
         Bundle::from_reader(io::BufReader::new(file))
     }
 
-    /// Parses a bundle from tar bytes: exactly the three files, regular, each once, within
-    /// the size limits, and a valid manifest.
+    /// Parses a bundle from tar bytes: exactly the three files (four with a golden check),
+    /// regular, each once, within the size limits, and a valid manifest.
     pub fn from_reader(reader: impl Read) -> Result<Bundle, BundleError> {
         let bad = |e: io::Error| BundleError::NotABundle(e.to_string());
         let mut archive = tar::Archive::new(reader);
-        let (mut manifest, mut onnx, mut sig) = (None, None, None);
+        let (mut manifest, mut onnx, mut sig, mut golden) = (None, None, None, None);
         for entry in archive.entries().map_err(bad)? {
             let mut entry = entry.map_err(bad)?;
             let name = entry.path().map_err(bad)?.to_string_lossy().into_owned();
@@ -165,6 +237,7 @@ impl Bundle {
                 MANIFEST_FILE => (&mut manifest, MAX_MANIFEST_BYTES),
                 MODEL_FILE => (&mut onnx, MAX_MODEL_BYTES),
                 SIGNATURE_FILE => (&mut sig, 64),
+                GOLDEN_FILE => (&mut golden, MAX_GOLDEN_BYTES),
                 _ => return Err(BundleError::Unexpected(name)),
             };
             if !kind.is_file() {
@@ -199,12 +272,15 @@ impl Bundle {
             .try_into()
             .map_err(|_| BundleError::SignatureSize(sig.len()))?;
         let manifest = ModelManifest::from_json(&manifest_bytes)?;
-        Ok(Bundle {
+        let bundle = Bundle {
             manifest,
             manifest_bytes,
             onnx,
             signature,
-        })
+            golden,
+        };
+        bundle.check_golden()?;
+        Ok(bundle)
     }
 
     /// Checks the signature against `trusted` and the ONNX against the manifest's sha256;
@@ -226,6 +302,16 @@ impl Bundle {
                 expected: self.manifest.onnx_sha256.clone(),
                 actual,
             });
+        }
+        self.check_golden()?;
+        if let (Some(g), Some(bytes)) = (&self.manifest.golden, &self.golden) {
+            let actual = sha256_hex(bytes);
+            if !actual.eq_ignore_ascii_case(&g.sha256) {
+                return Err(BundleError::Golden(format!(
+                    "its sha256 is {actual}, the manifest says {} (changed after signing)",
+                    g.sha256
+                )));
+            }
         }
         Ok(*signer)
     }
@@ -327,6 +413,7 @@ mod tests {
             quantization: Quantization::F32,
             metrics: Default::default(),
             lineage: Default::default(),
+            golden: None,
         }
     }
 
@@ -335,7 +422,7 @@ mod tests {
     }
 
     fn signed() -> Bundle {
-        match Bundle::sign(manifest(), b"not really onnx".to_vec(), &key(1)) {
+        match Bundle::sign(manifest(), b"not really onnx".to_vec(), None, &key(1)) {
             Ok(b) => b,
             Err(e) => panic!("signing failed: {e}"),
         }
@@ -372,7 +459,7 @@ mod tests {
         let b = signed();
         let trusted = [key(1).verifying_key()];
         // Another signer.
-        let other = Bundle::sign(manifest(), b.onnx.clone(), &key(3)).expect("signs");
+        let other = Bundle::sign(manifest(), b.onnx.clone(), None, &key(3)).expect("signs");
         let e = other.verify(&trusted).expect_err("wrong key");
         assert!(matches!(e, BundleError::Untrusted { .. }), "{e}");
         assert!(e.to_string().contains(&key_id(&trusted[0])), "{e}");
@@ -395,6 +482,88 @@ mod tests {
             .expect_err("edited manifest");
         assert!(matches!(e, BundleError::Untrusted { .. }), "{e}");
         assert!(matches!(b.verify(&[]), Err(BundleError::NoTrustedKeys)));
+    }
+
+    /// A bundle with two golden inputs of a 2-channel 4x3 input.
+    fn with_golden() -> Bundle {
+        let mut m = manifest();
+        m.input = InputSpec {
+            channels: vec![crate::manifest::Channel::R, crate::manifest::Channel::G],
+            size: [4, 3],
+            mean: vec![0.5; 2],
+            std: vec![0.25; 2],
+            ..InputSpec::rgb(4)
+        };
+        m.golden = Some(crate::manifest::Golden {
+            sha256: String::new(),
+            count: 2,
+            logits: vec![vec![1.0, -2.0], vec![0.5, 3.0]],
+            backend: "tract".into(),
+            tolerance: 1e-3,
+        });
+        let inputs = ndarray::Array4::from_shape_fn((2, 2, 3, 4), |(n, c, y, x)| {
+            (n * 100 + c * 10 + y * 4 + x) as f32 / 7.0
+        });
+        let golden = Bundle::golden_bytes(&inputs);
+        Bundle::sign(m, b"onnx".to_vec(), Some(golden), &key(1)).expect("signs")
+    }
+
+    #[test]
+    fn golden_inputs_travel_signed_and_are_checked() {
+        let b = with_golden();
+        let trusted = [key(1).verifying_key()];
+        let tar = b.to_tar().expect("tar");
+        let back = Bundle::from_reader(tar.as_slice()).expect("reads back");
+        back.verify(&trusted).expect("verifies");
+        let x = back.golden_inputs().expect("golden inputs");
+        assert_eq!(x.shape(), &[2, 2, 3, 4]);
+        assert_eq!(x[[1, 1, 2, 3]], (100 + 10 + 8 + 3) as f32 / 7.0);
+        let g = back.manifest.golden.as_ref().expect("golden");
+        assert_eq!(g.deviation(0, &[1.0, -2.0]), Some(0.0));
+        // 0.03 off with the largest |logit| 2: 1.5 % of it.
+        let d = g.deviation(0, &[1.03, -2.0]).expect("same width");
+        assert!((d - 0.015).abs() < 1e-6, "{d}");
+        assert_eq!(g.deviation(0, &[1.0]), None);
+        assert_eq!(g.deviation(0, &[f32::NAN, -2.0]), Some(f32::INFINITY));
+
+        // Inputs changed after signing.
+        let mut changed = back.clone();
+        if let Some(bytes) = changed.golden.as_mut() {
+            bytes[0] ^= 1;
+        }
+        let e = changed.verify(&trusted).expect_err("changed golden");
+        assert!(
+            e.to_string().contains("golden.bin") && e.to_string().contains("sha256"),
+            "{e}"
+        );
+        // Missing, cut short, or there without a check in the manifest.
+        let parts = |golden: Option<&[u8]>, manifest: &[u8]| {
+            let mut p: Vec<(&str, &[u8])> = vec![
+                (MANIFEST_FILE, manifest),
+                (MODEL_FILE, &b.onnx),
+                (SIGNATURE_FILE, &b.signature),
+            ];
+            p.extend(golden.map(|g| (GOLDEN_FILE, g)));
+            tar_of(&p)
+        };
+        let gold = b.golden.clone().expect("golden bytes");
+        let e =
+            Bundle::from_reader(parts(None, &b.manifest_bytes).as_slice()).expect_err("missing");
+        assert!(matches!(e, BundleError::Missing(GOLDEN_FILE)), "{e}");
+        let e = Bundle::from_reader(parts(Some(&gold[..40]), &b.manifest_bytes).as_slice())
+            .expect_err("short");
+        assert!(
+            e.to_string().contains("40 bytes") && e.to_string().contains("192"),
+            "{e}"
+        );
+        let plain = signed();
+        let e = Bundle::from_reader(parts(Some(&gold), &plain.manifest_bytes).as_slice())
+            .expect_err("unasked");
+        assert!(e.to_string().contains("no golden check"), "{e}");
+        // Signing refuses one without the other.
+        let e = Bundle::sign(manifest(), b"onnx".to_vec(), Some(gold), &key(1))
+            .expect_err("inputs without a check");
+        assert!(matches!(e, BundleError::Golden(_)), "{e}");
     }
 
     #[test]

@@ -247,6 +247,96 @@ pub struct ModelManifest {
     pub metrics: BTreeMap<String, f64>,
     #[serde(default)]
     pub lineage: Lineage,
+    /// Inputs carried in the bundle (`golden.bin`) with the logits they must give: a device
+    /// runs them before a model goes live, in each backend it could use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golden: Option<Golden>,
+}
+
+/// The golden check of a bundle: `count` preprocessed inputs in `golden.bin` and their logits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Golden {
+    /// Hex sha256 of `golden.bin`: `count` NCHW f32 tensors of the input spec's shape,
+    /// little-endian, one after the other.
+    pub sha256: String,
+    pub count: usize,
+    /// The logits of each input, as the signing machine's `backend` computed them.
+    pub logits: Vec<Vec<f32>>,
+    /// The backend that computed `logits` (`tract`).
+    pub backend: String,
+    /// The largest |logit difference| accepted, as a share of max(1, the largest |logit|):
+    /// runtimes differ in summation order and, for int8, in rounding.
+    pub tolerance: f32,
+}
+
+impl Golden {
+    /// How far `got` (the logits of input `i`) is from the expected ones, as a share of
+    /// max(1, the largest expected |logit|); `None` when the widths differ.
+    pub fn deviation(&self, i: usize, got: &[f32]) -> Option<f32> {
+        let want = self.logits.get(i)?;
+        if want.len() != got.len() {
+            return None;
+        }
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        // A NaN or infinite logit never passes (`f32::max` would skip a NaN difference).
+        if got.iter().any(|v| !v.is_finite()) {
+            return Some(f32::INFINITY);
+        }
+        let worst = want
+            .iter()
+            .zip(got)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        Some(worst / scale)
+    }
+
+    /// Bytes `golden.bin` must have for `input`.
+    pub fn expected_bytes(&self, input: &InputSpec) -> u64 {
+        let [w, h] = input.size;
+        self.count as u64 * input.channels.len() as u64 * u64::from(w) * u64::from(h) * 4
+    }
+
+    fn problems(&self, classes: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        if !is_sha256_hex(&self.sha256) {
+            out.push(format!(
+                "golden.sha256 {:?} is not 64 hex digits",
+                self.sha256
+            ));
+        }
+        if self.count == 0 {
+            out.push("golden.count is 0".into());
+        }
+        if self.logits.len() != self.count {
+            out.push(format!(
+                "golden.logits has {} rows for {} inputs",
+                self.logits.len(),
+                self.count
+            ));
+        }
+        if let Some((i, row)) = self
+            .logits
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.len() != classes || r.iter().any(|v| !v.is_finite()))
+        {
+            out.push(format!(
+                "golden.logits[{i}] has {} values (there are {classes} classes) or a                  non-finite one",
+                row.len()
+            ));
+        }
+        if !(self.tolerance.is_finite() && self.tolerance > 0.0 && self.tolerance < 1.0) {
+            out.push(format!(
+                "golden.tolerance {} is not in (0, 1)",
+                self.tolerance
+            ));
+        }
+        out
+    }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[derive(Debug, Error)]
@@ -279,14 +369,16 @@ impl ModelManifest {
             out.push("version is empty".into());
         }
         out.extend(class_list_problems("classes", &self.classes));
-        if self.onnx_sha256.len() != 64 || !self.onnx_sha256.bytes().all(|b| b.is_ascii_hexdigit())
-        {
+        if !is_sha256_hex(&self.onnx_sha256) {
             out.push(format!(
                 "onnx_sha256 {:?} is not 64 hex digits",
                 self.onnx_sha256
             ));
         }
         out.extend(self.input.problems());
+        if let Some(g) = &self.golden {
+            out.extend(g.problems(self.classes.len()));
+        }
         out
     }
 }
@@ -319,6 +411,7 @@ mod tests {
             quantization: Quantization::Int8,
             metrics: BTreeMap::from([("accuracy".to_string(), 0.97)]),
             lineage: Lineage::default(),
+            golden: None,
         }
     }
 

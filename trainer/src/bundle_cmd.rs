@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use chrono::Utc;
 
+use ndarray::{Array4, Axis};
 use weld_core::bundle::{self, Bundle};
-use weld_core::manifest::{InputSpec, Lineage, ModelManifest, Quantization};
-use weld_edge::model::{Model, ModelOptions};
+use weld_core::manifest::{Golden, InputSpec, Lineage, ModelManifest, Quantization};
+use weld_core::synth::{self, SynthClass, SynthConfig};
+use weld_edge::model::{BundleModel, Model, ModelOptions};
 
 use crate::card::ModelCard;
 
@@ -43,6 +45,36 @@ pub struct BundleSpec {
     pub metrics: Option<PathBuf>,
     /// The model card beside the ONNX: its figures and lineage go into the manifest.
     pub card: Option<ModelCard>,
+    /// Golden inputs carried in the bundle (0: none; devices then run it on tract only).
+    pub golden: usize,
+    /// Their tolerance; default [`default_tolerance`] of the precision.
+    pub golden_tolerance: Option<f32>,
+}
+
+/// How far another runtime's logits may be from tract's, relative to the largest logit: f32
+/// runtimes differ in summation order only (~1e-6 seen), int8 ones also in rounding (a step
+/// of an activation's scale here and there).
+pub fn default_tolerance(q: Quantization) -> f32 {
+    match q {
+        Quantization::F32 => 1e-3,
+        Quantization::F16 | Quantization::Int8 => 5e-2,
+    }
+}
+
+/// `count` inputs for the golden check: synthetic frames of each defect class in turn (RGB and
+/// depth, 640x480, fixed seeds), through the shared preprocessing of `input`.
+pub fn golden_inputs(input: &InputSpec, count: usize) -> Result<Array4<f32>> {
+    let cfg = SynthConfig::default();
+    let views: Vec<Array4<f32>> = (0..count)
+        .map(|i| {
+            let class = SynthClass::ALL[i % SynthClass::ALL.len()];
+            let seed = synth::frame_seed(0x601d, i % SynthClass::ALL.len(), i);
+            let frame = synth::generate(class, seed, &cfg)?.frame;
+            Ok(weld_core::preprocess::preprocess(&frame, input)?)
+        })
+        .collect::<Result<_>>()?;
+    let views: Vec<_> = views.iter().map(|v| v.view()).collect();
+    Ok(ndarray::concatenate(Axis(0), &views)?)
 }
 
 /// Checks that `onnx` loads and fits `classes` and `input` (one inference on the tract
@@ -69,7 +101,43 @@ pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<(
     };
     metrics.extend(extra);
     // Before signing: a bundle that cannot run is refused here, not on the line.
-    load(onnx, &spec.classes, &spec.input, "tract", None)?;
+    let model = load(onnx, &spec.classes, &spec.input, "tract", None)?;
+    let (golden, golden_bytes) = if spec.golden > 0 {
+        let x = golden_inputs(&spec.input, spec.golden)?;
+        let logits = (0..spec.golden)
+            .map(|i| model.infer(&x.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let g = Golden {
+            sha256: String::new(), // set by signing
+            count: spec.golden,
+            logits,
+            backend: model.backend_name().into(),
+            tolerance: spec
+                .golden_tolerance
+                .unwrap_or_else(|| default_tolerance(spec.quantization)),
+        };
+        // What the other runtimes of this build give, for the record: a device picks among
+        // the backends that pass (they are not required to here).
+        for kind in weld_edge::backend::available()
+            .iter()
+            .filter(|k| **k != "tract")
+        {
+            match load(onnx, &spec.classes, &spec.input, kind, None)
+                .and_then(|m| Ok(m.check_golden(&g, &x)?))
+            {
+                Ok(d) => {
+                    println!("golden check on {kind}: passes (worst deviation {d:.2e})");
+                    metrics.insert(format!("golden_deviation_{kind}"), f64::from(d));
+                }
+                Err(e) => {
+                    println!("golden check on {kind}: fails ({e:#}); devices will not pick {kind}")
+                }
+            }
+        }
+        (Some(g), Some(Bundle::golden_bytes(&x)))
+    } else {
+        (None, None)
+    };
     let manifest = ModelManifest {
         name: spec.name,
         version: spec.version,
@@ -81,8 +149,9 @@ pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<(
         quantization: spec.quantization,
         metrics,
         lineage,
+        golden,
     };
-    let signed = Bundle::sign(manifest, bytes, &signing)?;
+    let signed = Bundle::sign(manifest, bytes, golden_bytes, &signing)?;
     let tar = signed.to_tar().context("writing the bundle")?;
     weld_core::fsutil::write_atomic(out, &tar)
         .with_context(|| format!("writing {}", out.display()))?;
@@ -99,53 +168,67 @@ pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<(
 }
 
 /// The device's checks, without installing: the layout, the manifest, the signature against
-/// `trusted`, the ONNX hash, and that the model loads on `backend` and fits the manifest.
-/// Returns the bundle, the signer and the loaded model.
-pub fn load_verified(
-    path: &Path,
-    trusted: &[String],
-    backend: &str,
-) -> Result<(Bundle, ed25519_dalek::VerifyingKey, Model)> {
-    let keys = trusted
-        .iter()
-        .map(|t| bundle::read_verifying_key(t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let b = Bundle::read(path).with_context(|| format!("{}", path.display()))?;
-    let signer = b
-        .verify(&keys)
-        .with_context(|| format!("{}", path.display()))?;
-    let dir = tempfile::tempdir().context("creating a temporary folder for the model")?;
-    let onnx = dir.path().join(bundle::MODEL_FILE);
-    std::fs::write(&onnx, &b.onnx).with_context(|| format!("writing {}", onnx.display()))?;
-    let m = &b.manifest;
-    let identity = Some((m.name.clone(), m.version.clone()));
-    let model = load(&onnx, &m.classes, &m.input, backend, identity)
-        .with_context(|| format!("{}: the manifest does not fit the model", path.display()))?;
-    Ok((b, signer, model))
+/// `trusted`, the hashes, that the model loads on `backend` (`auto`: each this build has) and
+/// fits the manifest, and that it reproduces the golden outputs.
+pub fn load_verified(path: &Path, trusted: &[String], backend: &str) -> Result<BundleModel> {
+    let options = ModelOptions {
+        backend: backend.to_string(),
+        ..ModelOptions::default()
+    };
+    Ok(Model::from_bundle(path, trusted, &options)?)
 }
 
 /// `bundle verify`: [`load_verified`], then what was checked.
 pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
-    let (b, signer, model) = load_verified(path, trusted, backend)?;
-    let m = &b.manifest;
+    let BundleModel {
+        model,
+        manifest: m,
+        signer,
+        trials,
+    } = load_verified(path, trusted, backend)?;
+    let golden = match &m.golden {
+        Some(g) => format!(
+            "{} golden inputs (tolerance {:.1e}, logits from {})",
+            g.count, g.tolerance, g.backend
+        ),
+        None => "no golden inputs: devices run it on tract only".into(),
+    };
     println!(
-        "{}: ok\n  {} {} ({}, {:?}), created {}\n  signed by {}\n  onnx sha256 {} ({} bytes)\n  \
-         classes {}\n  input {:?} {}x{}\n  loads and runs on {}",
+        "{}: ok\n  {} {} ({}, {:?}), created {}\n  signed by {}\n  onnx sha256 {}\n  \
+         classes {}\n  input {:?} {}x{}\n  {golden}",
         path.display(),
         m.name,
         m.version,
         m.architecture,
         m.quantization,
         m.created.to_rfc3339(),
-        bundle::key_id(&signer),
+        signer,
         m.onnx_sha256,
-        b.onnx.len(),
         m.classes.join(", "),
         m.input.channels,
         m.input.size[0],
         m.input.size[1],
-        model.backend_name()
     );
+    for t in &trials {
+        match &t.outcome {
+            Ok(p) => println!(
+                "  {}: loads, runs{}, {:.2} ms an inference{}",
+                t.backend,
+                if m.golden.is_some() {
+                    format!(", reproduces the golden logits (worst {:.2e})", p.deviation)
+                } else {
+                    String::new()
+                },
+                p.ms,
+                if t.backend == model.backend_name() && trials.len() > 1 {
+                    " (chosen)"
+                } else {
+                    ""
+                }
+            ),
+            Err(why) => println!("  {}: not usable: {why}", t.backend),
+        }
+    }
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use weld_core::manifest::{InputSpec, Quantization};
@@ -43,6 +43,10 @@ pub enum Command {
     /// Post-training int8 of an exported f32 model, calibrated on a dataset, in the form tract
     /// runs fastest; checked against the f32 model on held-out frames, figures in its card.
     Quantize(QuantizeArgs),
+    /// Measure models side by side on one machine: latency under each backend with one and
+    /// more caller threads, held-out accuracy, agreement with the first model, size; with
+    /// `--profile`, tract's time per operator.
+    BenchModels(BenchModelsArgs),
     /// Tune the heuristic detector.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -80,8 +84,9 @@ pub enum BundleCommand {
         /// A trusted public key: a `.pub` file or 64 hex digits (repeatable).
         #[arg(long, required = true)]
         trusted: Vec<String>,
-        /// Inference backend to load the model on.
-        #[arg(long, default_value = "tract")]
+        /// Inference backend to load the model on; `auto` tries each this build has and
+        /// reports which a device would pick.
+        #[arg(long, default_value = "auto")]
         backend: String,
     },
 }
@@ -264,15 +269,49 @@ pub struct QuantizeArgs {
     /// Which convolutions run in int8.
     #[arg(long, value_enum, default_value = "pointwise")]
     pub convs: crate::quantize::ConvSelect,
-    /// One weight scale per tensor instead of per output channel.
-    #[arg(long)]
-    pub per_tensor: bool,
+    /// Weight scales: `per-tensor` (the form tract runs fastest), `per-channel`, or `auto`:
+    /// per tensor when it costs at most 1 point of held-out accuracy against f32, else per
+    /// channel.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weights: crate::quantize::WeightScales,
     /// Zero points of 0 for every activation (ReLU6 as an int8 Clip) instead of -128 for
     /// tensors that are never negative.
     #[arg(long)]
     pub symmetric: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchModelsArgs {
+    /// ONNX models with their model cards beside them (from `export` and `quantize`); the
+    /// first is the reference for agreement.
+    #[arg(required = true)]
+    pub models: Vec<PathBuf>,
+    /// The dataset whose frames are judged (and the first of them timed).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Judge the split's test part (val when test is empty); without one, every labelled frame.
+    #[arg(long)]
+    pub split: Option<PathBuf>,
+    /// At most this many judged frames.
+    #[arg(long, default_value_t = 200)]
+    pub frames: usize,
+    /// Backends, comma-separated (`ort` needs the `ort` feature).
+    #[arg(long, value_delimiter = ',', default_value = "tract")]
+    pub backends: Vec<String>,
+    /// Caller thread counts to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub threads: Vec<usize>,
+    /// Timed inferences per caller thread.
+    #[arg(long, default_value_t = 30)]
+    pub runs: usize,
+    /// Also time each node of tract's plan and print the time per operator.
+    #[arg(long)]
+    pub profile: bool,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 fn parse_range(s: &str) -> Result<crate::quantize::RangeMethod, String> {
@@ -322,6 +361,15 @@ pub struct BundleArgs {
     /// The bundle file to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Golden inputs to carry (synthetic frames through the input spec), with the logits tract
+    /// gives for them; a device runs them in each backend before the model goes live and
+    /// picks the fastest that reproduces them. 0: none (devices then use tract only).
+    #[arg(long, default_value_t = 4)]
+    pub golden: usize,
+    /// The golden check's tolerance, relative to the largest logit (default 1e-3 for f32,
+    /// 5e-2 for int8).
+    #[arg(long)]
+    pub golden_tolerance: Option<f32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -521,6 +569,25 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             quantize_cmd(&a)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::BenchModels(a) => {
+            let opts = crate::bench_models::BenchOptions {
+                dataset: a.dataset,
+                split: a.split,
+                frames: a.frames,
+                backends: a.backends,
+                threads: a.threads,
+                runs: a.runs,
+                profile: a.profile,
+            };
+            let r = crate::bench_models::run(&a.models, &opts)?;
+            print!("{}", crate::bench_models::markdown(&r));
+            if let Some(p) = a.json {
+                let text = serde_json::to_string_pretty(&r)?;
+                std::fs::write(&p, text + "\n")
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys(KeysCommand::New { out }) => {
             bundle_cmd::keys_new(&out)?;
             Ok(ExitCode::SUCCESS)
@@ -640,6 +707,8 @@ fn bundle_spec(onnx: &std::path::Path, a: &BundleArgs) -> Result<BundleSpec> {
             quantization: a.quantization.unwrap_or(Quantization::F32),
             metrics: a.metrics.clone(),
             card: None,
+            golden: a.golden,
+            golden_tolerance: a.golden_tolerance,
         });
     };
     let card_file = crate::card::card_path(onnx);
@@ -690,6 +759,8 @@ fn bundle_spec(onnx: &std::path::Path, a: &BundleArgs) -> Result<BundleSpec> {
         quantization: card.quantization,
         metrics: a.metrics.clone(),
         card: Some(card),
+        golden: a.golden,
+        golden_tolerance: a.golden_tolerance,
     })
 }
 
@@ -702,18 +773,25 @@ fn quantize_cmd(a: &QuantizeArgs) -> Result<()> {
         range: a.range,
         scheme: Scheme {
             convs: a.convs,
-            per_channel: !a.per_tensor,
+            per_channel: true,
             unsigned_relu: !a.symmetric,
         },
+        weights: a.weights,
         seed: a.seed,
     };
     let r = crate::quantize::quantize(&a.model, &a.out, &opts)?;
     println!(
-        "wrote {} and its card ({} bytes; f32 {} bytes)\n  calibrated on {} frames; judged on \
+        "wrote {} and its card ({} bytes, weight scales {}; f32 {} bytes)\n  calibrated on {} \
+         frames; judged on \
          {} frames: accuracy f32 {:.2}%, int8 {:.2}% ({:+.2} points), same class on {:.2}%\n  \
          tract, one thread: f32 {:.2} ms, int8 {:.2} ms ({:.2}x)",
         a.out.display(),
         r.bytes_int8,
+        if r.per_channel {
+            "per channel"
+        } else {
+            "per tensor"
+        },
         r.bytes_f32,
         r.calibration_frames,
         r.judged_frames,

@@ -255,6 +255,6 @@ pub fn training_curves(checkpoint: &Path) -> Vec<serde_json::Value> {
 /// Loads a bundle as a device would (signature, hash, fit) and returns its model.
 pub fn bundle_model(path: &Path, trusted: &[String], backend: &str) -> Result<Model> {
     crate::bundle_cmd::load_verified(path, trusted, backend)
-        .map(|(_, _, m)| m)
+        .map(|b| b.model)
         .with_context(|| format!("loading the bundle {}", path.display()))
 }

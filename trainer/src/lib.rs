@@ -3,6 +3,7 @@
 //! push as they land.
 //! The binary is a thin `main.rs` over [`cli`].
 
+pub mod bench_models;
 pub mod bundle_cmd;
 pub mod card;
 pub mod cli;

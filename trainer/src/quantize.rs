@@ -5,7 +5,8 @@
 //! behind `QLinearConv`/`QLinearMatMul`; its int8 depthwise convolution is a per-group matmul
 //! far slower than its f32 depthwise kernel. So the pointwise (1x1) convolutions, where
 //! almost all of MobileNetV2's arithmetic is, become `QLinearConv` with int8 weights
-//! (symmetric, per output channel or per tensor) and int8 activations, and their ReLU6 is
+//! (symmetric; per tensor, which tract folds into its kernel, unless that costs more than a
+//! point of held-out accuracy, then per output channel) and int8 activations, and their ReLU6 is
 //! folded into the output range (zero point -128, so saturation is the clip). Depthwise and
 //! strided convolutions, residual adds and the head stay f32, with `DequantizeLinear` and
 //! `QuantizeLinear` where the two meet. Activation ranges come from running the f32 model in
@@ -76,6 +77,19 @@ impl Default for Scheme {
     }
 }
 
+/// Weight scales: one per output channel, one per tensor, or measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightScales {
+    /// One per tensor when that costs at most 1 point of held-out accuracy, else per channel.
+    Auto,
+    PerChannel,
+    PerTensor,
+}
+
+/// The held-out accuracy the faster per-tensor form may lose against f32 and still be kept:
+/// the loss a device accepts when it picks an int8 bundle over the f32 one.
+use weld_edge::model::MAX_ACCURACY_DROP;
+
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
     pub dataset: PathBuf,
@@ -83,7 +97,9 @@ pub struct QuantizeOptions {
     pub split: Option<PathBuf>,
     pub calibration_frames: usize,
     pub range: RangeMethod,
+    /// The form; its `per_channel` is decided by `weights`.
     pub scheme: Scheme,
+    pub weights: WeightScales,
     /// Seed of the choice of calibration frames.
     pub seed: u64,
 }
@@ -523,10 +539,16 @@ pub struct QuantizeReport {
     pub ms_int8: f64,
     pub bytes_f32: u64,
     pub bytes_int8: u64,
+    /// The weight scales written (per output channel, or one per tensor).
+    pub per_channel: bool,
 }
 
 /// Frames preprocessed for the model's input.
-fn tensors(ds: &Dataset, samples: &[&Sample], card: &ModelCard) -> Result<Vec<Array4<f32>>> {
+pub(crate) fn tensors(
+    ds: &Dataset,
+    samples: &[&Sample],
+    card: &ModelCard,
+) -> Result<Vec<Array4<f32>>> {
     samples
         .par_iter()
         .map(|s| {
@@ -550,7 +572,7 @@ pub fn median_ms(b: &dyn weld_edge::backend::Backend, x: &Array4<f32>, runs: usi
     Ok(t[t.len() / 2])
 }
 
-fn argmax(v: &[f32]) -> usize {
+pub(crate) fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
@@ -586,13 +608,10 @@ pub fn quantize(model: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Quan
     let (mut calib, judged): (Vec<&Sample>, Vec<&Sample>) = match &opts.split {
         Some(p) => {
             let split = Split::load(p)?;
-            let test = split.samples(&ds, &version, Part::Test)?;
-            let held = if test.is_empty() {
-                split.samples(&ds, &version, Part::Val)?
-            } else {
-                test
-            };
-            (split.samples(&ds, &version, Part::Train)?, held)
+            (
+                split.samples(&ds, &version, Part::Train)?,
+                split.held_out(&ds, &version)?,
+            )
         }
         None => {
             let all: Vec<&Sample> = ds.samples.iter().filter(|s| s.label.is_some()).collect();
@@ -622,53 +641,81 @@ pub fn quantize(model: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Quan
         });
     ranges.insert(INPUT.to_string(), Range { min: lo, max: hi });
     drop(calib_x);
-    let q = rewrite(
-        &f32m,
-        &ranges,
-        opts.scheme,
-        (shape4[1], shape4[2], shape4[3]),
-        card.classes.len(),
-    )?;
-    let bytes = q.encode_to_vec();
-
-    let tmp = crate::onnx::write_beside_unchecked(out, &bytes)?;
-
     let b32 = weld_edge::backend::load("tract", model, shape4, 1)?;
-    let b8 = weld_edge::backend::load("tract", tmp.path(), shape4, 1)
-        .context("the int8 model does not load in tract")?;
     let judged_x = tensors(&ds, &judged, &card)?;
     let truth: Vec<usize> = judged
         .iter()
         .map(|s| s.label.unwrap_or(usize::MAX))
         .collect();
-    let preds: Vec<(usize, usize)> = judged_x
+    let picks32: Vec<usize> = judged_x
         .par_iter()
-        .map(|x| -> Result<(usize, usize)> {
-            let a = b32.infer(x.view())?;
-            let b = b8.infer(x.view())?;
-            Ok((
-                argmax(a.as_slice().unwrap_or(&[])),
-                argmax(b.as_slice().unwrap_or(&[])),
-            ))
-        })
+        .map(|x| Ok(argmax(b32.infer(x.view())?.as_slice().unwrap_or(&[]))))
         .collect::<Result<_>>()?;
-    let n = preds.len() as f64;
-    let acc = |pick: fn(&(usize, usize)) -> usize| {
-        preds
-            .iter()
-            .zip(&truth)
-            .filter(|(p, t)| pick(p) == **t)
-            .count() as f64
-            / n
+    let n = truth.len() as f64;
+    let accuracy =
+        |picks: &[usize]| picks.iter().zip(&truth).filter(|(p, t)| p == t).count() as f64 / n;
+    let accuracy_f32 = accuracy(&picks32);
+    // One int8 form written beside `out` (not yet in place) and judged on the held-out frames.
+    let judge = |scheme: Scheme| -> Result<Judged> {
+        let q = rewrite(
+            &f32m,
+            &ranges,
+            scheme,
+            (shape4[1], shape4[2], shape4[3]),
+            card.classes.len(),
+        )?;
+        let bytes = q.encode_to_vec();
+        let tmp = crate::onnx::write_beside_unchecked(out, &bytes)?;
+        let b8 = weld_edge::backend::load("tract", tmp.path(), shape4, 1)
+            .context("the int8 model does not load in tract")?;
+        let picks: Vec<usize> = judged_x
+            .par_iter()
+            .map(|x| Ok(argmax(b8.infer(x.view())?.as_slice().unwrap_or(&[]))))
+            .collect::<Result<_>>()?;
+        let agreement = picks.iter().zip(&picks32).filter(|(a, b)| a == b).count() as f64 / n;
+        Ok(Judged {
+            scheme,
+            accuracy: accuracy(&picks),
+            agreement,
+            backend: b8,
+            tmp,
+            bytes: bytes.len() as u64,
+        })
     };
-    let accuracy_f32 = acc(|p| p.0);
-    let accuracy_int8 = acc(|p| p.1);
-    let agreement = preds.iter().filter(|p| p.0 == p.1).count() as f64 / n;
+    // Per-tensor weight scales are the form tract runs fastest (per channel leaves separate
+    // requantization passes, docs/PERFORMANCE.md); kept when it costs at most
+    // `MAX_ACCURACY_DROP` on the held-out frames, else per channel.
+    let chosen = match opts.weights {
+        WeightScales::PerChannel | WeightScales::PerTensor => judge(Scheme {
+            per_channel: opts.weights == WeightScales::PerChannel,
+            ..opts.scheme
+        })?,
+        WeightScales::Auto => {
+            let fast = judge(Scheme {
+                per_channel: false,
+                ..opts.scheme
+            })?;
+            if fast.accuracy >= accuracy_f32 - MAX_ACCURACY_DROP {
+                fast
+            } else {
+                drop(fast);
+                judge(Scheme {
+                    per_channel: true,
+                    ..opts.scheme
+                })?
+            }
+        }
+    };
+    let accuracy_int8 = chosen.accuracy;
+    let agreement = chosen.agreement;
     let probe = &judged_x[0];
     let ms_f32 = median_ms(b32.as_ref(), probe, 20)?;
-    let ms_int8 = median_ms(b8.as_ref(), probe, 20)?;
-
-    tmp.persist(out)
+    let ms_int8 = median_ms(chosen.backend.as_ref(), probe, 20)?;
+    let scheme = chosen.scheme;
+    let bytes_int8 = chosen.bytes;
+    chosen
+        .tmp
+        .persist(out)
         .with_context(|| format!("writing {}", out.display()))?;
     let mut qcard = card.clone();
     qcard.quantization = Quantization::Int8;
@@ -694,8 +741,8 @@ pub fn quantize(model: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Quan
                 "calibration_frames": calib.len(),
                 "range": format!("{:?}", opts.range),
                 "convs": format!("{:?}", opts.scheme.convs),
-                "per_channel": opts.scheme.per_channel,
-                "unsigned_relu": opts.scheme.unsigned_relu,
+                "per_channel": scheme.per_channel,
+                "unsigned_relu": scheme.unsigned_relu,
                 "seed": opts.seed,
             }),
         );
@@ -710,8 +757,19 @@ pub fn quantize(model: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Quan
         ms_f32,
         ms_int8,
         bytes_f32: std::fs::metadata(model)?.len(),
-        bytes_int8: bytes.len() as u64,
+        bytes_int8,
+        per_channel: scheme.per_channel,
     })
+}
+
+/// One int8 form as judged: written to a temporary file beside the destination.
+struct Judged {
+    scheme: Scheme,
+    accuracy: f64,
+    agreement: f64,
+    backend: Box<dyn weld_edge::backend::Backend>,
+    tmp: tempfile::NamedTempFile,
+    bytes: u64,
 }
 
 #[cfg(test)]

@@ -503,6 +503,19 @@ impl Split {
     }
 }
 
+impl Split {
+    /// The frames to judge a finished model on: the test part, or validation when the split
+    /// has no test part.
+    pub fn held_out<'a>(&self, ds: &'a Dataset, version: &str) -> Result<Vec<&'a Sample>> {
+        let part = if self.test.is_empty() {
+            Part::Val
+        } else {
+            Part::Test
+        };
+        self.samples(ds, version, part)
+    }
+}
+
 /// The first 12 hex digits of a hash, as messages show it.
 pub fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]

@@ -84,7 +84,12 @@ fn reference_models_bundle_verify_and_bad_bundles_are_named() {
         assert!(o.status.success(), "{}", text(&o));
         let (ok, out_text) = verify(&out, &public);
         assert!(ok, "{out_text}");
-        assert!(out_text.contains("loads and runs on tract"), "{out_text}");
+        // Four golden inputs by default, reproduced on tract (and on ort in builds with it).
+        assert!(out_text.contains("4 golden inputs"), "{out_text}");
+        assert!(
+            out_text.contains("tract: loads, runs, reproduces the golden logits"),
+            "{out_text}"
+        );
         bundles.push(out);
     }
     let good = Bundle::read(&bundles[0]).unwrap();
@@ -141,6 +146,7 @@ fn reference_models_bundle_verify_and_bad_bundles_are_named() {
         Bundle::sign(
             good.manifest.clone(),
             good.onnx.clone(),
+            good.golden.clone(),
             &bundle::read_signing_key(&other).unwrap(),
         )
         .unwrap()
@@ -154,20 +160,44 @@ fn reference_models_bundle_verify_and_bad_bundles_are_named() {
     let tampered = write("tampered.bundle", &swapped.to_tar().unwrap());
     let mut four = good.manifest.clone();
     four.classes.push("spatter".into());
+    four.golden = None;
     let wrong_classes = write(
         "wrong-classes.bundle",
-        &Bundle::sign(four, good.onnx.clone(), &signing)
+        &Bundle::sign(four, good.onnx.clone(), None, &signing)
             .unwrap()
             .to_tar()
             .unwrap(),
     );
     let not_onnx = write(
         "not-onnx.bundle",
-        &Bundle::sign(good.manifest.clone(), b"garbage".to_vec(), &signing)
+        &Bundle::sign(
+            good.manifest.clone(),
+            b"garbage".to_vec(),
+            good.golden.clone(),
+            &signing,
+        )
+        .unwrap()
+        .to_tar()
+        .unwrap(),
+    );
+    // Signed properly, but its golden logits are not what the model computes.
+    let mut off = good.manifest.clone();
+    if let Some(g) = off.golden.as_mut() {
+        g.logits[1][0] += 0.5;
+    }
+    let failing_golden = write(
+        "failing-golden.bundle",
+        &Bundle::sign(off, good.onnx.clone(), good.golden.clone(), &signing)
             .unwrap()
             .to_tar()
             .unwrap(),
     );
+    // The golden inputs changed after signing.
+    let mut changed = good.clone();
+    if let Some(g) = changed.golden.as_mut() {
+        g[100] ^= 0x40;
+    }
+    let changed_golden = write("changed-golden.bundle", &changed.to_tar().unwrap());
     let full = fs::read(&bundles[0]).unwrap();
     let truncated = write("truncated.bundle", &full[..full.len() - 4096]);
     for (path, trusted, want) in [
@@ -181,6 +211,8 @@ fn reference_models_bundle_verify_and_bad_bundles_are_named() {
         (&tampered, &public, "model.onnx does not match the manifest"),
         (&wrong_classes, &public, "3 logits but 4 class names"),
         (&not_onnx, &public, "not an ONNX protobuf"),
+        (&failing_golden, &public, "golden input 1 gives logits"),
+        (&changed_golden, &public, "golden.bin: its sha256 is"),
         (&truncated, &public, "cut short"),
     ] {
         let (ok, out) = verify(path, trusted);
