@@ -263,7 +263,8 @@ pub struct QuantizeArgs {
     /// Frames to calibrate on (drawn from the train part).
     #[arg(long, default_value_t = 128)]
     pub calibration_frames: usize,
-    /// Activation ranges: `minmax`, or a percentile of |value| such as `99.99`.
+    /// Activation ranges: `minmax`, or a percentile of |value| such as `99.99` (which of the
+    /// two loses less differs by model: docs/PERFORMANCE.md).
     #[arg(long, default_value = "minmax", value_parser = parse_range)]
     pub range: crate::quantize::RangeMethod,
     /// Which convolutions run in int8.
