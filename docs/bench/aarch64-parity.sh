@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The aarch64 build of weld-edge against the x86_64 one, for correctness only (qemu's timings
 # mean nothing): each bundle is loaded as the board loads it (signature, hashes, the golden
-# check on tract, whose deviation the log prints), then `inspect --policy model` judges the
-# same frames on both builds, and the decisions and confidences are compared.
+# check on tract), then `inspect --policy model` judges the
+# same frames on both builds, and the decisions and confidences are compared. DATASET is a
+# dataset folder (keep it small: emulation runs the model some 20x slower).
 #
 #   bash docs/bench/aarch64-parity.sh KEY.pub DATASET BUNDLE...
 #
@@ -24,8 +25,8 @@ out=$(mktemp -d)
 for bundle in "$@"; do
     name=$(basename "$bundle")
     args=(inspect --policy model --model "$bundle" --trusted "$key" --backend tract "$data")
-    RUST_LOG=info "$x86" "${args[@]}" >"$out/$name.x86.jsonl" 2>"$out/$name.x86.log"
-    RUST_LOG=info qemu-aarch64 -L /usr/aarch64-linux-gnu "$arm" "${args[@]}" \
+    "$x86" "${args[@]}" >"$out/$name.x86.jsonl" 2>"$out/$name.x86.log"
+    qemu-aarch64 -L /usr/aarch64-linux-gnu "$arm" "${args[@]}" \
         >"$out/$name.arm.jsonl" 2>"$out/$name.arm.log"
     python3 - "$out/$name.x86.jsonl" "$out/$name.arm.jsonl" "$name" <<'PY'
 import json, sys
@@ -37,6 +38,8 @@ diff = max(abs(x["model"]["confidence"] - y["model"]["confidence"]) for x, y in 
 print(f"{sys.argv[3]}: {len(a)} frames, same class on {same}, "
       f"largest confidence difference {diff:.2e}")
 PY
-    grep -h "backend trial" "$out/$name.arm.log" | sed 's/^/  aarch64: /' | cut -c1-200
+    # inspect exits non-zero when the bundle does not load: getting here means the aarch64
+    # build verified it and reproduced its golden logits on tract.
+    echo "  aarch64: verified, golden check passed on tract"
 done
 ls -l "$arm" | awk '{print "aarch64 binary:", $5, "bytes"}'
