@@ -69,15 +69,14 @@ pub fn load_model(
     };
     if let Some(bundle) = &m.bundle {
         let loaded = Model::from_bundles(bundle, &m.alternatives, &m.trusted_keys, &options)?;
-        for t in &loaded.trials {
+        for (i, t) in loaded.trials.iter().enumerate() {
             match &t.outcome {
                 Ok(p) => tracing::info!(
                     bundle = %t.bundle,
                     backend = %t.backend,
                     ms = format!("{:.2}", p.ms),
                     golden_deviation = format!("{:.1e}", p.deviation),
-                    chosen = t.backend == loaded.model.backend_name()
-                        && t.bundle == format!("{} {}", loaded.manifest.name, loaded.manifest.version),
+                    chosen = i == loaded.chosen,
                     "backend trial"
                 ),
                 Err(why) => {

@@ -190,8 +190,10 @@ pub struct BundleModel {
     pub manifest: weld_core::manifest::ModelManifest,
     /// The key that signed the primary bundle.
     pub signer: String,
-    /// Every (bundle, backend) pair tried, the chosen one among them.
+    /// Every (bundle, backend) pair tried.
     pub trials: Vec<BackendTrial>,
+    /// Which of `trials` runs.
+    pub chosen: usize,
 }
 
 /// Inferences timed per backend when choosing one (after the golden run, which warms up).
@@ -379,7 +381,7 @@ impl Model {
         };
         let (first, signer) = read(primary)?;
         let mut trials = Vec::new();
-        let mut best: Option<(Model, f64, usize)> = None;
+        let mut best: Option<Best> = None;
         let mut last_error = None;
         let mut manifests = vec![first.manifest.clone()];
         try_bundle(&first, 0, options, &mut trials, &mut best, &mut last_error)?;
@@ -407,8 +409,8 @@ impl Model {
                 }),
             }
         }
-        let (model, _, index) = match (best, last_error) {
-            (Some(b), _) => b,
+        let best = match (best, last_error) {
+            (Some(best), _) => best,
             // One backend asked for by name: its own error.
             (None, Some(e)) if primary_trials == 1 => return Err(e),
             (None, _) => {
@@ -425,10 +427,11 @@ impl Model {
             }
         };
         Ok(BundleModel {
-            model,
-            manifest: manifests.swap_remove(index),
+            model: best.model,
+            manifest: manifests.swap_remove(best.bundle),
             signer,
             trials,
+            chosen: best.trial,
         })
     }
 
@@ -452,11 +455,6 @@ impl Model {
             worst = worst.max(deviation);
         }
         Ok(worst)
-    }
-
-    /// The logits of one input tensor (batch 1, the model's input shape), checked.
-    pub fn infer(&self, input: &Array4<f32>) -> Result<Vec<f32>, ModelError> {
-        self.logits(input)
     }
 
     /// Median ms of `runs` inferences of `input`.
@@ -501,8 +499,9 @@ impl Model {
         })
     }
 
-    /// The logits of the first batch row, checked: one per class, all finite.
-    fn logits(&self, tensor: &Array4<f32>) -> Result<Vec<f32>, ModelError> {
+    /// The logits of the first batch row of `tensor` (the model's input shape), checked: one
+    /// per class, all finite.
+    pub fn logits(&self, tensor: &Array4<f32>) -> Result<Vec<f32>, ModelError> {
         let out = self.backend.infer(tensor.view())?;
         if out.ncols() != self.classes.len() || out.nrows() == 0 {
             return Err(ModelError::ClassCount {
@@ -547,6 +546,14 @@ impl Model {
     }
 }
 
+/// The fastest passing model so far: its time, its bundle's place in the list, its trial.
+struct Best {
+    model: Model,
+    ms: f64,
+    bundle: usize,
+    trial: usize,
+}
+
 /// Tries `b` on each candidate backend of `options`, recording a trial per backend and keeping
 /// the fastest model that passes in `best` (with `index`, the bundle's place in the list).
 /// Only a bundle that cannot even be unpacked is an error here.
@@ -555,7 +562,7 @@ fn try_bundle(
     index: usize,
     options: &ModelOptions,
     trials: &mut Vec<BackendTrial>,
-    best: &mut Option<(Model, f64, usize)>,
+    best: &mut Option<Best>,
     last_error: &mut Option<ModelError>,
 ) -> Result<(), ModelError> {
     let m = &b.manifest;
@@ -607,8 +614,13 @@ fn try_bundle(
                     backend: kind.to_string(),
                     outcome: Ok(pass),
                 });
-                if best.as_ref().is_none_or(|(_, ms, _)| pass.ms < *ms) {
-                    *best = Some((model, pass.ms, index));
+                if best.as_ref().is_none_or(|b| pass.ms < b.ms) {
+                    *best = Some(Best {
+                        model,
+                        ms: pass.ms,
+                        bundle: index,
+                        trial: trials.len() - 1,
+                    });
                 }
             }
             Err(e) => {

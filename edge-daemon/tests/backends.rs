@@ -647,6 +647,7 @@ fn an_int8_form_is_used_only_when_made_from_the_model_and_as_accurate() {
         loaded.trials
     );
     let (fastest, _) = passed.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(&loaded.trials[loaded.chosen], *fastest);
     assert_eq!(fastest.backend, loaded.model.backend_name());
     assert_eq!(
         fastest.bundle,

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use ndarray::Array4;
 use rayon::prelude::*;
 use serde::Serialize;
-use weld_core::dataset::{Dataset, Sample};
+use weld_core::dataset::Sample;
 use weld_edge::backend::{self, Backend};
 
 use crate::card::ModelCard;
@@ -185,14 +185,7 @@ pub fn run(models: &[PathBuf], opts: &BenchOptions) -> Result<BenchReport> {
         }
     }
     let card = &cards[0];
-    let ds = Dataset::open(&opts.dataset)?;
-    if ds.spec.classes != card.classes {
-        bail!(
-            "the models' classes ({}) disagree with the dataset's ({})",
-            card.classes.join(", "),
-            ds.spec.classes.join(", ")
-        );
-    }
+    let ds = card.open_dataset(&opts.dataset)?;
     let mut judged: Vec<&Sample> = match &opts.split {
         Some(p) => Split::load(p)?.held_out(&ds, &versions::version(&ds)?)?,
         None => ds.samples.iter().filter(|s| s.label.is_some()).collect(),

@@ -105,7 +105,7 @@ pub fn create(onnx: &Path, spec: BundleSpec, key: &Path, out: &Path) -> Result<(
     let (golden, golden_bytes) = if spec.golden > 0 {
         let x = golden_inputs(&spec.input, spec.golden)?;
         let logits = (0..spec.golden)
-            .map(|i| model.infer(&x.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned()))
+            .map(|i| model.logits(&x.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned()))
             .collect::<Result<Vec<_>, _>>()?;
         let g = Golden {
             sha256: String::new(), // set by signing
@@ -181,10 +181,11 @@ pub fn load_verified(path: &Path, trusted: &[String], backend: &str) -> Result<B
 /// `bundle verify`: [`load_verified`], then what was checked.
 pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
     let BundleModel {
-        model,
         manifest: m,
         signer,
         trials,
+        chosen,
+        ..
     } = load_verified(path, trusted, backend)?;
     let golden = match &m.golden {
         Some(g) => format!(
@@ -209,7 +210,7 @@ pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
         m.input.size[0],
         m.input.size[1],
     );
-    for t in &trials {
+    for (i, t) in trials.iter().enumerate() {
         match &t.outcome {
             Ok(p) => println!(
                 "  {}: loads, runs{}, {:.2} ms an inference{}",
@@ -220,7 +221,7 @@ pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
                     String::new()
                 },
                 p.ms,
-                if t.backend == model.backend_name() && trials.len() > 1 {
+                if i == chosen && trials.len() > 1 {
                     " (chosen)"
                 } else {
                     ""

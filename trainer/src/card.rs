@@ -63,6 +63,19 @@ impl ModelCard {
         Ok(Some(card))
     }
 
+    /// Opens the dataset at `path` to judge this model on: its classes must be the model's.
+    pub fn open_dataset(&self, path: &Path) -> Result<weld_core::dataset::Dataset> {
+        let ds = weld_core::dataset::Dataset::open(path)?;
+        if ds.spec.classes != self.classes {
+            bail!(
+                "the model's classes ({}) disagree with the dataset's ({})",
+                self.classes.join(", "),
+                ds.spec.classes.join(", ")
+            );
+        }
+        Ok(ds)
+    }
+
     /// Writes the card beside `onnx` (atomically).
     pub fn write_beside(&self, onnx: &Path) -> Result<PathBuf> {
         let path = card_path(onnx);

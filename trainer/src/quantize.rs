@@ -596,14 +596,7 @@ pub fn quantize(model: &Path, out: &Path, opts: &QuantizeOptions) -> Result<Quan
         );
     }
     let f32m = F32Model::read(model)?;
-    let ds = Dataset::open(&opts.dataset)?;
-    if ds.spec.classes != card.classes {
-        bail!(
-            "the model's classes ({}) disagree with the dataset's ({})",
-            card.classes.join(", "),
-            ds.spec.classes.join(", ")
-        );
-    }
+    let ds = card.open_dataset(&opts.dataset)?;
     let version = versions::version(&ds)?;
     let (mut calib, judged): (Vec<&Sample>, Vec<&Sample>) = match &opts.split {
         Some(p) => {
