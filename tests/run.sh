@@ -17,10 +17,10 @@ echo "== system packages"
 # mosquitto and mosquitto-clients: the real broker and subscriber of the MQTT tests (started
 # by the tests themselves on free loopback ports); openssl: their TLS certificates; chromium:
 # the headless browser of the dashboard test; libfontconfig1-dev and fonts-dejavu-core: the
-# text of the trainer's report plots.
+# text of the trainer's report plots; systemd: `systemd-analyze verify` of the service's unit.
 need=()
 for p in libclang-dev pkg-config mosquitto mosquitto-clients openssl chromium \
-    libfontconfig1-dev fonts-dejavu-core; do
+    libfontconfig1-dev fonts-dejavu-core systemd; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

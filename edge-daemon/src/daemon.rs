@@ -18,6 +18,7 @@ use crate::model::{Model, ModelError, ModelOptions};
 use crate::mqtt::broker::BrokerError;
 use crate::mqtt::{self, BrokerAddr, MqttSettings, MqttSink};
 use crate::pipeline::{self, Identity, PipelineSettings, Shared, Sink};
+use crate::service::{Liveness, Notifier};
 use crate::sinks::{JsonlSink, StoreSink};
 use crate::store::{Store, StoreError};
 
@@ -217,12 +218,19 @@ pub async fn run(
         workers = cfg.workers,
         "pipeline running"
     );
+    let service = Notifier::from_env();
+    service.ready();
 
     // The pipeline's threads end by themselves when a replay finishes; wait for that on a
     // blocking thread so the shutdown future and the periodic log keep running.
     let mut done = tokio::task::spawn_blocking(move || running.join());
     let mut tick = tokio::time::interval(STATS_LOG_EVERY);
     tick.tick().await;
+    // Without a watchdog the branch below is disabled; the interval is only there to exist.
+    let mut watchdog = tokio::time::interval(service.check_every().unwrap_or(STATS_LOG_EVERY));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    watchdog.tick().await;
+    let mut liveness = Liveness::default();
     tokio::pin!(shutdown);
     let mut last = (Instant::now(), 0u64);
     let mut stopping = false;
@@ -231,17 +239,27 @@ pub async fn run(
             _ = &mut done => break,
             () = &mut shutdown, if !stopping => {
                 tracing::info!("shutting down: finishing queued frames");
+                service.stopping();
                 shared.shutdown.store(true, Ordering::Relaxed);
                 stopping = true;
+            }
+            _ = watchdog.tick(), if service.check_every().is_some() && !stopping => {
+                let processed = shared.stats.processed.load(Ordering::Relaxed);
+                service.watchdog(liveness.check(processed, &shared.stats.camera()));
             }
             _ = tick.tick() => {
                 let processed = shared.stats.processed.load(Ordering::Relaxed);
                 let fps = (processed - last.1) as f64 / last.0.elapsed().as_secs_f64();
                 last = (Instant::now(), processed);
+                let dropped = shared.stats.dropped.load(Ordering::Relaxed);
+                service.status(&format!(
+                    "{fps:.1} fps, {processed} frames decided, {dropped} dropped, camera {}",
+                    crate::mqtt::status::camera_word(&shared.stats.camera())
+                ));
                 tracing::info!(
                     fps = format!("{fps:.1}"),
                     processed,
-                    dropped = shared.stats.dropped.load(Ordering::Relaxed),
+                    dropped,
                     model_runs = shared.stats.model_runs.load(Ordering::Relaxed),
                     uncertain = shared.stats.uncertain.load(Ordering::Relaxed),
                     camera = ?shared.stats.camera(),

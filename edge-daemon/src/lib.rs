@@ -12,6 +12,7 @@ pub mod model;
 pub mod mqtt;
 pub mod pipeline;
 pub mod policy;
+pub mod service;
 pub mod sinks;
 pub mod source;
 pub mod store;
