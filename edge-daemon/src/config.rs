@@ -617,7 +617,7 @@ mod tests {
     #[test]
     fn the_example_configs_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-config");
-        for name in ["demo.toml", "rdk-x5-realsense.toml"] {
+        for name in ["demo.toml", "rdk-x5-realsense.toml", "rdk-x5-v4l2.toml"] {
             let mut file = ConfigFile::load(&dir.join(name)).unwrap();
             // The board's model, rules, certificates and secrets exist only on the board;
             // everything else must be valid here, the model's input spec included.
