@@ -17,10 +17,11 @@ echo "== system packages"
 # mosquitto and mosquitto-clients: the real broker and subscriber of the MQTT tests (started
 # by the tests themselves on free loopback ports); openssl: their TLS certificates; chromium:
 # the headless browser of the dashboard test; libfontconfig1-dev and fonts-dejavu-core: the
-# text of the trainer's report plots; systemd: `systemd-analyze verify` of the service's unit.
+# text of the trainer's report plots; systemd: `systemd-analyze verify` of the service's unit;
+# gcc-aarch64-linux-gnu and libc6-dev-arm64-cross: the C parts (ring) of the board's build.
 need=()
 for p in libclang-dev pkg-config mosquitto mosquitto-clients openssl chromium \
-    libfontconfig1-dev fonts-dejavu-core systemd; do
+    libfontconfig1-dev fonts-dejavu-core systemd gcc-aarch64-linux-gnu libc6-dev-arm64-cross; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -86,6 +87,14 @@ Libs: -lrealsense2
 Cflags:
 EOF
 PKG_CONFIG_PATH="$pc_dir" cargo clippy -p weld-edge --locked --features realsense -- -D warnings
+
+echo "== clippy (weld-edge for the board: aarch64)"
+# The RDK X5's target, linted as it is built by cross/package.sh (which also needs the linker
+# and qemu-user to run it: cross/README.md).
+rustup target add aarch64-unknown-linux-gnu
+export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+cargo clippy -p weld-edge --all-targets --locked --target aarch64-unknown-linux-gnu -- -D warnings
 
 echo "== tests"
 # weld-edge's tests run with the ort feature so both backends are checked against the
