@@ -181,10 +181,11 @@ fn flowing_frames_feed_the_watchdog_and_sigterm_says_stopping() {
     let tmp = tempfile::tempdir().unwrap();
     let (child, socket) = spawn(tmp.path(), 20.0, Duration::from_millis(800));
     wait_ready(&socket);
-    // Checks every 200 ms; frames every 50 ms: a ping at nearly every check.
+    // Checks every 200 ms; frames every 50 ms: a ping at nearly every check (10 in 2 s; a
+    // loaded machine may miss a few).
     let got = receive(&socket, Duration::from_secs(2));
     let n = pings(&got);
-    assert!((6..=12).contains(&n), "{n} pings in 2 s: {got:?}");
+    assert!((4..=12).contains(&n), "{n} pings in 2 s: {got:?}");
     let gaps = got
         .iter()
         .filter(|(_, m)| m.contains("WATCHDOG=1"))
