@@ -227,7 +227,8 @@ pub async fn run(
     let mut tick = tokio::time::interval(STATS_LOG_EVERY);
     tick.tick().await;
     // Without a watchdog the branch below is disabled; the interval is only there to exist.
-    let mut watchdog = tokio::time::interval(service.check_every().unwrap_or(STATS_LOG_EVERY));
+    let check_every = service.check_every();
+    let mut watchdog = tokio::time::interval(check_every.unwrap_or(STATS_LOG_EVERY));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     watchdog.tick().await;
     let mut liveness = Liveness::default();
@@ -243,7 +244,7 @@ pub async fn run(
                 shared.shutdown.store(true, Ordering::Relaxed);
                 stopping = true;
             }
-            _ = watchdog.tick(), if service.check_every().is_some() && !stopping => {
+            _ = watchdog.tick(), if check_every.is_some() && !stopping => {
                 let processed = shared.stats.processed.load(Ordering::Relaxed);
                 service.watchdog(liveness.check(processed, &shared.stats.camera()));
             }
@@ -252,9 +253,10 @@ pub async fn run(
                 let fps = (processed - last.1) as f64 / last.0.elapsed().as_secs_f64();
                 last = (Instant::now(), processed);
                 let dropped = shared.stats.dropped.load(Ordering::Relaxed);
+                let camera = shared.stats.camera();
                 service.status(&format!(
                     "{fps:.1} fps, {processed} frames decided, {dropped} dropped, camera {}",
-                    crate::mqtt::status::camera_word(&shared.stats.camera())
+                    crate::mqtt::status::camera_word(&camera)
                 ));
                 tracing::info!(
                     fps = format!("{fps:.1}"),
@@ -262,7 +264,7 @@ pub async fn run(
                     dropped,
                     model_runs = shared.stats.model_runs.load(Ordering::Relaxed),
                     uncertain = shared.stats.uncertain.load(Ordering::Relaxed),
-                    camera = ?shared.stats.camera(),
+                    ?camera,
                     "stats"
                 );
             }

@@ -121,17 +121,25 @@ port = 0
     (child, socket)
 }
 
+/// The next notification, or `None` after the socket's 100 ms read timeout.
+fn next_message(socket: &UnixDatagram) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Whether `message` carries the assignment `line` (a datagram may hold several lines).
+fn says(message: &str, line: &str) -> bool {
+    message.lines().any(|l| l == line)
+}
+
 /// Every notification received within `window` after the call, each with when it came.
 fn receive(socket: &UnixDatagram, window: Duration) -> Vec<(Duration, String)> {
     let start = Instant::now();
     let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
     while start.elapsed() < window {
-        if let Ok(n) = socket.recv(&mut buf) {
-            got.push((
-                start.elapsed(),
-                String::from_utf8_lossy(&buf[..n]).into_owned(),
-            ));
+        if let Some(m) = next_message(socket) {
+            got.push((start.elapsed(), m));
         }
     }
     got
@@ -140,26 +148,20 @@ fn receive(socket: &UnixDatagram, window: Duration) -> Vec<(Duration, String)> {
 /// Waits (bounded) for `READY=1`.
 fn wait_ready(socket: &UnixDatagram) {
     let start = Instant::now();
-    let mut buf = [0u8; 4096];
-    loop {
+    while !next_message(socket).is_some_and(|m| says(&m, "READY=1")) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "no READY=1 within 30 s"
         );
-        if let Ok(n) = socket.recv(&mut buf)
-            && String::from_utf8_lossy(&buf[..n])
-                .lines()
-                .any(|l| l == "READY=1")
-        {
-            return;
-        }
     }
 }
 
-fn pings(got: &[(Duration, String)]) -> usize {
+/// When each watchdog ping of `got` came.
+fn pings(got: &[(Duration, String)]) -> Vec<Duration> {
     got.iter()
-        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
-        .count()
+        .filter(|(_, m)| says(m, "WATCHDOG=1"))
+        .map(|(t, _)| *t)
+        .collect()
 }
 
 fn stop(mut child: Child, socket: &UnixDatagram) -> Vec<(Duration, String)> {
@@ -184,22 +186,18 @@ fn flowing_frames_feed_the_watchdog_and_sigterm_says_stopping() {
     // Checks every 200 ms; frames every 50 ms: a ping at nearly every check (10 in 2 s; a
     // loaded machine may miss a few).
     let got = receive(&socket, Duration::from_secs(2));
-    let n = pings(&got);
+    let times = pings(&got);
+    let n = times.len();
     assert!((4..=12).contains(&n), "{n} pings in 2 s: {got:?}");
-    let gaps = got
-        .iter()
-        .filter(|(_, m)| m.contains("WATCHDOG=1"))
-        .map(|(t, _)| *t)
-        .collect::<Vec<_>>();
     assert!(
-        gaps.windows(2)
+        times
+            .windows(2)
             .all(|w| w[1] - w[0] < Duration::from_millis(800)),
-        "a gap as long as the watchdog period: {gaps:?}"
+        "a gap as long as the watchdog period: {times:?}"
     );
     let got = stop(child, &socket);
     assert!(
-        got.iter()
-            .any(|(_, m)| m.lines().any(|l| l == "STOPPING=1")),
+        got.iter().any(|(_, m)| says(m, "STOPPING=1")),
         "no STOPPING=1 after SIGTERM: {got:?}"
     );
 }
@@ -213,7 +211,7 @@ fn frames_that_stop_flowing_stop_the_pings() {
     wait_ready(&socket);
     let got = receive(&socket, Duration::from_secs(3));
     // The frame at start can give one ping; then nothing for more than the watchdog period.
-    let n = pings(&got);
+    let n = pings(&got).len();
     assert!(n <= 1, "{n} pings in 3 s with no frames: {got:?}");
     stop(child, &socket);
 }
