@@ -11,7 +11,10 @@ use std::fmt;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+
+/// The public key type trusted keys are read into ([`read_verifying_key`]).
+pub use ed25519_dalek::VerifyingKey;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 

@@ -22,6 +22,18 @@ pub enum Channel {
     B,
     /// Height above the base-metal surface, from depth (see [`DepthNormalisation`]).
     Height,
+    /// Local relief of that height: how far each spot stands out of (or sinks into) its
+    /// surroundings, with the strongest deviation in each input pixel kept, so pores, grooves,
+    /// droplets and holes a few camera pixels across survive shrinking to the input size
+    /// (`preprocess::relief_channel`).
+    Relief,
+}
+
+impl Channel {
+    /// Whether the channel is computed from depth (`height`, `relief`).
+    pub fn from_depth(self) -> bool {
+        matches!(self, Channel::Height | Channel::Relief)
+    }
 }
 
 /// What the height channel is measured from.
@@ -59,13 +71,23 @@ impl Default for DepthNormalisation {
     }
 }
 
-/// How the frame is resized to the model's input size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// How the frame becomes the model's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResizeMode {
     /// Scale each axis to the input size (aspect ratio not kept), bilinear with antialiasing.
+    /// JSON `"stretch"`.
     #[default]
     Stretch,
+    /// A strip of plate along the weld bead, found in the depth (the rules' bead axis): the
+    /// input's rows run across the bead, `across_mm` of plate over the input's height, and its
+    /// columns along it at the same mm per pixel, centred on the bead. Every frame then shows
+    /// its bead level through the middle at one scale, whatever its angle and the camera's
+    /// distance. Needs depth. JSON `{"bead_strip": {"across_mm": 52.0}}`.
+    BeadStrip {
+        /// Plate across the bead covered by the input's height, mm (10-1000).
+        across_mm: f32,
+    },
 }
 
 /// Everything needed to turn a frame into the model's input tensor.
@@ -117,8 +139,24 @@ impl InputSpec {
         spec
     }
 
+    /// [`InputSpec::rgb_height`] plus the relief channel (mean 0, std 0.1 on the [-1, 1] scale:
+    /// a 0.4 mm pit is -1 with the default 4 mm range).
+    pub fn rgb_height_relief(size: u32) -> InputSpec {
+        let mut spec = InputSpec::rgb_height(size);
+        spec.channels.push(Channel::Relief);
+        spec.mean.push(0.0);
+        spec.std.push(0.1);
+        spec
+    }
+
+    /// Whether the frame must have depth: a channel computed from it, or the bead strip.
     pub fn needs_depth(&self) -> bool {
-        self.channels.contains(&Channel::Height)
+        self.depth_channels() || matches!(self.resize, ResizeMode::BeadStrip { .. })
+    }
+
+    /// Whether any channel is computed from depth.
+    pub fn depth_channels(&self) -> bool {
+        self.channels.iter().any(|c| c.from_depth())
     }
 
     /// Every problem with the spec, each naming the key (empty when valid).
@@ -157,8 +195,17 @@ impl InputSpec {
         if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             out.push("input.std values must be positive and finite".into());
         }
-        match (&self.depth, self.needs_depth()) {
-            (None, true) => out.push("input.depth is required when channels include height".into()),
+        if let ResizeMode::BeadStrip { across_mm } = self.resize
+            && !(10.0..=1000.0).contains(&across_mm)
+        {
+            out.push(format!(
+                "input.resize.bead_strip.across_mm must be 10..=1000 mm, got {across_mm}"
+            ));
+        }
+        match (&self.depth, self.depth_channels()) {
+            (None, true) => {
+                out.push("input.depth is required when channels include height or relief".into())
+            }
             (Some(d), _) => {
                 if !(d.range_mm.is_finite() && d.range_mm > 0.0) {
                     out.push(format!(

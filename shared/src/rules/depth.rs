@@ -267,7 +267,38 @@ fn bin_pixels<const B: usize>(
     (dvals, cvals)
 }
 
-fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
+/// The base metal, the heights above it and the bead found on it: what the analysis and the
+/// model input's bead strip ([`super::bead_axis`]) start from.
+pub(super) struct BeadFit {
+    /// The fitted plane `1 / depth = pa x + pb y + pc`.
+    pub pa: f32,
+    pub pb: f32,
+    pub pc: f32,
+    /// Noise of one depth sample, mm.
+    pub sigma: f32,
+    /// Focal length, px.
+    pub fx: f32,
+    /// Size of a pixel on the plate at the image centre, mm.
+    pub centre_mm: f32,
+    /// Height above the plate at every pixel, mm; NaN without depth.
+    pub hm: Vec<f32>,
+    /// Coarse grid cell side, px.
+    pub k: usize,
+    /// Centres of the bead's grid cells, px.
+    pub pts: Vec<[f32; 2]>,
+    /// Centroid of the bead cells, and the unit vectors along and across the bead.
+    pub mx: f32,
+    pub my: f32,
+    pub dir: [f32; 2],
+    pub nrm: [f32; 2],
+}
+
+/// Fits the plate, measures the heights and finds the bead and its axis.
+pub(super) fn find_bead(
+    frame: &Frame,
+    depth: &DepthMap,
+    r: &DepthRules,
+) -> Result<BeadFit, RulesNote> {
     let (w, h) = (frame.width() as usize, frame.height() as usize);
     // (The share of pixels with depth is checked below, counted in the pass that computes the
     // heights rather than in a pass of its own; a frame without enough fails either way.)
@@ -277,7 +308,7 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
         ..Default::default()
     };
     let Some(fit) = fit_plane(depth, &opts) else {
-        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
+        return Err(RulesNote::InsufficientDepth);
     };
     let (pa, pb, pc) = (fit.plane.a as f32, fit.plane.b as f32, fit.plane.c as f32);
     // Noise of one depth sample, mm: the plane fit's inlier RMS (sensor noise and texture).
@@ -289,7 +320,7 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     };
     let centre_mm = plane_z(w as f32 / 2.0, h as f32 / 2.0) / fx;
     if !(centre_mm.is_finite() && centre_mm > 0.0) {
-        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
+        return Err(RulesNote::InsufficientDepth);
     }
 
     // Height above the plate at every pixel, mm; NaN where there is no depth.
@@ -306,14 +337,14 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
         valid += raw.iter().filter(|&&v| v != 0).count();
     }
     if (valid as f32 / (w * h).max(1) as f32) < r.min_valid_fraction {
-        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
+        return Err(RulesNote::InsufficientDepth);
     }
 
     // --- the bead on a coarse grid of ~1 mm cells
     let k = ((1.0 / centre_mm).round() as usize).clamp(2, 8);
     let (gw, gh) = (w / k, h / k);
     if gw < 4 || gh < 4 {
-        return DepthOutcome::Unusable(RulesNote::InsufficientDepth);
+        return Err(RulesNote::InsufficientDepth);
     }
     let (gsum, gcnt) = match k {
         2 => cell_sums::<2>(&hm, w, gw, gh, -r.hole_far_mm),
@@ -344,7 +375,7 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
         .flatten()
         .collect();
     if cells.is_empty() {
-        return DepthOutcome::Unusable(RulesNote::NoBead);
+        return Err(RulesNote::NoBead);
     }
     // Principal axis of the bead cells (pixel coordinates).
     let pts: Vec<[f32; 2]> = cells
@@ -375,8 +406,49 @@ fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
     let (l1, l2) = (tr / 2.0 + disc, (tr / 2.0 - disc).max(1e-6));
     // A bead is long and narrow: length/width >= 2, i.e. eigenvalue ratio >= 4.
     if l1 / l2 < 4.0 {
-        return DepthOutcome::Unusable(RulesNote::NoBead);
+        return Err(RulesNote::NoBead);
     }
+    Ok(BeadFit {
+        pa,
+        pb,
+        pc,
+        sigma,
+        fx,
+        centre_mm,
+        hm,
+        k,
+        pts,
+        mx,
+        my,
+        dir,
+        nrm,
+    })
+}
+
+fn analyse_at(frame: &Frame, depth: &DepthMap, r: &DepthRules) -> DepthOutcome {
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    let BeadFit {
+        pa,
+        pb,
+        pc,
+        sigma,
+        fx,
+        centre_mm,
+        hm,
+        k,
+        pts,
+        mx,
+        my,
+        dir,
+        nrm,
+    } = match find_bead(frame, depth, r) {
+        Ok(fit) => fit,
+        Err(note) => return DepthOutcome::Unusable(note),
+    };
+    let plane_z = |x: f32, y: f32| {
+        let inv = pa * x + pb * y + pc;
+        if inv > 1e-9 { 1.0 / inv } else { f32::NAN }
+    };
     let ts: Vec<f32> = pts
         .iter()
         .map(|p| (p[0] - mx) * dir[0] + (p[1] - my) * dir[1])

@@ -183,6 +183,36 @@ impl Detector {
 
 /// Focal length in pixels: the frame's intrinsics, else what a camera with the assumed
 /// horizontal field of view would have.
+/// Where the weld bead runs through a frame: the axis the rules' analysis reads along.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BeadAxis {
+    /// A point on the axis (the centroid of the bead), px.
+    pub centre: [f32; 2],
+    /// Unit vector along the bead, with x >= 0 (one of the two directions, always the same
+    /// one for a given line).
+    pub dir: [f32; 2],
+    /// Size of a pixel on the plate at the image centre, mm.
+    pub mm_per_px: f32,
+}
+
+/// The bead axis of a frame with depth, found as the depth analysis finds it (default
+/// [`DepthRules`], full resolution); `None` without depth, with too little depth, or without a
+/// long, narrow bead.
+pub fn bead_axis(frame: &Frame) -> Option<BeadAxis> {
+    let depth = frame.depth()?;
+    let fit = depth::find_bead(frame, depth, &DepthRules::default()).ok()?;
+    let dir = if fit.dir[0] < 0.0 || (fit.dir[0] == 0.0 && fit.dir[1] < 0.0) {
+        [-fit.dir[0], -fit.dir[1]]
+    } else {
+        fit.dir
+    };
+    Some(BeadAxis {
+        centre: [fit.mx, fit.my],
+        dir,
+        mm_per_px: fit.centre_mm,
+    })
+}
+
 pub(crate) fn focal_px(frame: &Frame, assumed_hfov_deg: f32) -> f32 {
     match frame.intrinsics {
         Some(i) => i.fx as f32,
