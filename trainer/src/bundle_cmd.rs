@@ -194,9 +194,15 @@ pub fn verify(path: &Path, trusted: &[String], backend: &str) -> Result<()> {
         ),
         None => "no golden inputs: devices run it on tract only".into(),
     };
+    let resize = match m.input.resize {
+        weld_core::manifest::ResizeMode::Stretch => "the frame stretched".to_string(),
+        weld_core::manifest::ResizeMode::BeadStrip { across_mm } => {
+            format!("a strip along the bead, {across_mm} mm across")
+        }
+    };
     println!(
         "{}: ok\n  {} {} ({}, {:?}), created {}\n  signed by {}\n  onnx sha256 {}\n  \
-         classes {}\n  input {:?} {}x{}\n  {golden}",
+         classes {}\n  input {:?} {}x{}, {resize}\n  {golden}",
         path.display(),
         m.name,
         m.version,

@@ -119,9 +119,14 @@ pub struct TrainArgs {
     pub width: f64,
     #[arg(long, value_enum, default_value = "rgb-height")]
     pub input: InputKind,
-    /// Input width and height in pixels (square).
-    #[arg(long, default_value_t = 224)]
-    pub size: u32,
+    /// Input size in pixels: N (square) or WIDTHxHEIGHT.
+    #[arg(long, default_value = "224", value_parser = parse_input_size)]
+    pub size: [u32; 2],
+    /// Sample a strip of plate along the weld bead, this many mm across it over the input's
+    /// height (found in the depth; the same scale along the bead), instead of stretching the
+    /// whole frame: every frame shows its bead level through the middle at one scale.
+    #[arg(long)]
+    pub strip_mm: Option<f32>,
     #[arg(long, default_value_t = 30)]
     pub epochs: u64,
     #[arg(long, default_value_t = 32)]
@@ -233,6 +238,9 @@ pub enum InputKind {
     Rgb,
     /// Colour plus height above the plate from depth.
     RgbHeight,
+    /// Colour, height, and the height's local relief (small pits, grooves, droplets and holes
+    /// kept visible at a small input size).
+    RgbHeightRelief,
 }
 
 #[derive(Debug, Args)]
@@ -487,6 +495,15 @@ pub struct SynthArgs {
     pub hfov_deg: f64,
 }
 
+/// Parses a model input size: `N` (square) or `WIDTHxHEIGHT`.
+pub fn parse_input_size(s: &str) -> Result<[u32; 2], String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err(format!("{s:?} is not a size; expected N or WIDTHxHEIGHT")),
+        Ok(n) => Ok([n, n]),
+        Err(_) => parse_size(s).map(|(w, h)| [w, h]),
+    }
+}
+
 /// Parses `WIDTHxHEIGHT`, e.g. `640x480`.
 pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
     let bad = || format!("{s:?} is not a size; expected WIDTHxHEIGHT such as 640x480");
@@ -630,11 +647,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 impl InputKind {
-    pub fn spec(self, size: u32) -> InputSpec {
-        match self {
-            InputKind::Rgb => InputSpec::rgb(size),
-            InputKind::RgbHeight => InputSpec::rgb_height(size),
-        }
+    /// The spec of this kind at `size` (`[width, height]`), stretched.
+    pub fn spec(self, size: [u32; 2]) -> InputSpec {
+        let mut spec = match self {
+            InputKind::Rgb => InputSpec::rgb(size[0]),
+            InputKind::RgbHeight => InputSpec::rgb_height(size[0]),
+            InputKind::RgbHeightRelief => InputSpec::rgb_height_relief(size[0]),
+        };
+        spec.size = size;
+        spec
     }
 }
 
@@ -704,7 +725,7 @@ fn bundle_spec(onnx: &std::path::Path, a: &BundleArgs) -> Result<BundleSpec> {
             input: a
                 .input
                 .unwrap_or(InputKind::Rgb)
-                .spec(a.size.unwrap_or(224)),
+                .spec([a.size.unwrap_or(224); 2]),
             quantization: a.quantization.unwrap_or(Quantization::F32),
             metrics: a.metrics.clone(),
             card: None,
@@ -721,7 +742,7 @@ fn bundle_spec(onnx: &std::path::Path, a: &BundleArgs) -> Result<BundleSpec> {
         ));
     }
     if a.input
-        .is_some_and(|i| i.spec(card.input.size[0]).channels != card.input.channels)
+        .is_some_and(|i| i.spec(card.input.size).channels != card.input.channels)
     {
         conflicts.push(format!("--input (the card says {:?})", card.input.channels));
     }

@@ -92,6 +92,7 @@ impl Augment {
                         norm.missing_mm.clamp(-norm.range_mm, norm.range_mm) / norm.range_mm;
                     (missing - spec.mean[c]) / spec.std[c]
                 }
+                // No depth is no relief; black for colour.
                 _ => (0.0 - spec.mean[c]) / spec.std[c],
             })
             .collect();
@@ -124,6 +125,9 @@ impl Augment {
         };
         let noise = Normal::new(0.0f32, self.noise.max(0.0)).ok();
         let depth_noise = Normal::new(0.0f32, self.depth_noise.max(0.0)).ok();
+        // Drawn at the first depth channel and shared: a hole in the depth is a hole in the
+        // height and in the relief alike.
+        let mut holes: Option<Vec<[usize; 4]>> = None;
         for (c, (ch, p)) in spec
             .channels
             .iter()
@@ -131,14 +135,20 @@ impl Augment {
             .enumerate()
         {
             let (mean, std) = (spec.mean[c], spec.std[c]);
-            if *ch == Channel::Height {
+            if ch.from_depth() {
                 if let Some(n) = depth_noise.filter(|_| self.depth_noise > 0.0) {
                     for v in p.iter_mut().filter(|v| **v != fill[c]) {
                         *v += n.sample(rng) / std;
                     }
                 }
                 if self.depth_dropout > 0.0 {
-                    drop_holes(p, w, h, self.depth_dropout, fill[c], rng);
+                    let holes =
+                        holes.get_or_insert_with(|| depth_holes(w, h, self.depth_dropout, rng));
+                    for &[x0, y0, hw, hh] in holes.iter() {
+                        for y in y0..y0 + hh {
+                            p[y * w + x0..y * w + x0 + hw].fill(fill[c]);
+                        }
+                    }
                 }
                 continue;
             }
@@ -186,21 +196,21 @@ fn rotate(x: &mut [f32], w: usize, h: usize, a: f32, fill: &[f32]) {
     }
 }
 
-/// Sets about `share` of the plane to `fill` in up to four rectangles (depth holes: glare,
-/// occlusion), as a depth camera loses them.
-fn drop_holes(p: &mut [f32], w: usize, h: usize, share: f32, fill: f32, rng: &mut ChaCha8Rng) {
+/// About `share` of a `w x h` plane in up to four rectangles `[x0, y0, width, height]`: depth
+/// holes (glare, occlusion), as a depth camera loses them.
+fn depth_holes(w: usize, h: usize, share: f32, rng: &mut ChaCha8Rng) -> Vec<[usize; 4]> {
     let holes = rng.random_range(1..=4usize);
     let area = (share * (w * h) as f32 / holes as f32).max(1.0);
-    for _ in 0..holes {
-        let aspect = rng.random_range(0.3f32..3.0);
-        let hw = ((area * aspect).sqrt() as usize).clamp(1, w);
-        let hh = ((area / aspect).sqrt() as usize).clamp(1, h);
-        let x0 = rng.random_range(0..=w - hw);
-        let y0 = rng.random_range(0..=h - hh);
-        for y in y0..y0 + hh {
-            p[y * w + x0..y * w + x0 + hw].fill(fill);
-        }
-    }
+    (0..holes)
+        .map(|_| {
+            let aspect = rng.random_range(0.3f32..3.0);
+            let hw = ((area * aspect).sqrt() as usize).clamp(1, w);
+            let hh = ((area / aspect).sqrt() as usize).clamp(1, h);
+            let x0 = rng.random_range(0..=w - hw);
+            let y0 = rng.random_range(0..=h - hh);
+            [x0, y0, hw, hh]
+        })
+        .collect()
 }
 
 /// A batch: `x` is `[n, C, H, W]` row-major, `y` the labels.

@@ -73,7 +73,13 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
         dataset: a.dataset.clone(),
         split: a.split.clone(),
         out: a.out.clone(),
-        input: a.input.spec(a.size),
+        input: {
+            let mut spec = a.input.spec(a.size);
+            if let Some(across_mm) = a.strip_mm {
+                spec.resize = weld_core::manifest::ResizeMode::BeadStrip { across_mm };
+            }
+            spec
+        },
         resume: a.resume,
         device: a.device.clone(),
         workers: a

@@ -149,7 +149,7 @@ pub struct RunOptions {
     pub dataset: PathBuf,
     pub split: Option<PathBuf>,
     pub out: PathBuf,
-    /// `rgb` or `rgb-height` and the square input size.
+    /// `rgb`, `rgb-height` or `rgb-height-relief` and the square input size.
     pub input: InputSpec,
     pub resume: bool,
     pub device: String,
@@ -211,7 +211,7 @@ fn check_dataset(
             .collect();
         if !no_depth.is_empty() {
             problems.push(format!(
-                "--input rgb-height needs depth, but {} frames have none (e.g. {}); train with \
+                "--input with height or relief needs depth, but {} frames have none (e.g. {}); train with \
                  --input rgb",
                 no_depth.len(),
                 no_depth[0]
