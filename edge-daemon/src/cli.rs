@@ -18,6 +18,9 @@ use crate::mqtt::BrokerAddr;
 use crate::pipeline::Identity;
 use crate::policy::{Policy, PolicyKind, Thresholds};
 
+/// `inspect --model builtin`: the default model built into weld-edge (a file of that name wins).
+const BUILTIN_ARG: &str = "builtin";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "weld-edge",
@@ -77,7 +80,8 @@ pub enum Command {
         /// rules are unsure of (without one they are reported uncertain).
         #[arg(long, value_enum, default_value_t = PolicyKind::Rules)]
         policy: PolicyKind,
-        /// The model: a signed bundle (with --trusted), or a plain ONNX file (with --classes).
+        /// The model: a signed bundle (with --trusted), a plain ONNX file (with --classes), or
+        /// `builtin` for the default model built into weld-edge.
         #[arg(long)]
         model: Option<PathBuf>,
         /// A public key the bundle may be signed by: a `.pub` file or 64 hex digits
@@ -246,6 +250,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     None
                 }
+                Some(path) if path.as_os_str() == BUILTIN_ARG && !path.exists() => {
+                    if !trusted.is_empty() || !classes.is_empty() {
+                        anyhow::bail!(
+                            "--model builtin brings its own key and classes: give no --trusted \
+                             or --classes with it"
+                        );
+                    }
+                    let section = ModelSection {
+                        backend,
+                        ..ModelSection::builtin()
+                    };
+                    daemon::load_model(Some(&section), rayon::current_num_threads())?
+                }
                 Some(path) => {
                     let plain = !classes.is_empty();
                     if !plain && trusted.is_empty() {
@@ -261,6 +278,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         (Some(path), None)
                     };
                     let section = ModelSection {
+                        builtin: false,
                         bundle,
                         trusted_keys: trusted,
                         alternatives: Vec::new(),

@@ -140,6 +140,11 @@ pub struct RulesSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
+    /// The default model built into weld-edge (a MobileNetV2 trained by weld-trainer on
+    /// synthetic frames, signed by its own key, which is trusted for it alone). What the demo
+    /// runs; for a line, train and bundle a model on its own frames.
+    #[serde(default)]
+    pub builtin: bool,
     /// A signed model bundle (DESIGN.md "Model bundle"): classes, input, name and version come
     /// from its manifest. Verified against `trusted_keys` and golden-checked before it runs.
     #[serde(default)]
@@ -179,6 +184,24 @@ pub struct ModelSection {
 
 fn default_backend() -> String {
     crate::model::AUTO_BACKEND.into()
+}
+
+impl ModelSection {
+    /// The built-in default model on the fastest backend that reproduces its golden outputs.
+    pub fn builtin() -> ModelSection {
+        ModelSection {
+            builtin: true,
+            bundle: None,
+            trusted_keys: Vec::new(),
+            alternatives: Vec::new(),
+            onnx: None,
+            classes: Vec::new(),
+            version: None,
+            backend: default_backend(),
+            ort_library: None,
+            input: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -388,7 +411,12 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         match path {
             Some(p) => ConfigFile::load(p)?.validate(),
-            None => ConfigFile::default().validate(),
+            // The demo runs the built-in model; a config file without [model] has none.
+            None => ConfigFile {
+                model: Some(ModelSection::builtin()),
+                ..ConfigFile::default()
+            }
+            .validate(),
         }
     }
 }
@@ -396,11 +424,38 @@ impl Config {
 fn model_problems(m: &ModelSection) -> Vec<String> {
     let mut out = Vec::new();
     match (&m.bundle, &m.onnx) {
+        _ if m.builtin => {
+            if m.bundle.is_some() || m.onnx.is_some() {
+                out.push(
+                    "model: builtin = true runs the built-in model; give no bundle or onnx \
+                     with it"
+                        .into(),
+                );
+            }
+            for (set, key) in [
+                (!m.trusted_keys.is_empty(), "trusted_keys"),
+                (!m.alternatives.is_empty(), "alternatives"),
+                (!m.classes.is_empty(), "classes"),
+                (m.input.is_some(), "input"),
+                (m.version.is_some(), "version"),
+            ] {
+                if set {
+                    out.push(format!(
+                        "model.{key}: not with builtin = true (the built-in bundle brings its \
+                         own)"
+                    ));
+                }
+            }
+        }
         (Some(_), Some(_)) => out.push(
             "model: give either bundle (a signed bundle) or onnx (a plain ONNX file), not both"
                 .into(),
         ),
-        (None, None) => out.push("model: give bundle (a signed bundle) or onnx".into()),
+        (None, None) => out.push(
+            "model: give bundle (a signed bundle), onnx, or builtin = true (the built-in \
+             default model)"
+                .into(),
+        ),
         (Some(b), None) => {
             if !b.is_file() {
                 out.push(format!(
@@ -498,8 +553,37 @@ mod tests {
             c.policy.thresholds.rules_confident_at,
             RulesConfig::default().confident_at
         );
-        assert!(c.model.is_none());
+        assert_eq!(c.model, Some(ModelSection::builtin()));
         assert!(matches!(c.source, SourceConfig::Synthetic(_)));
+        // A config file that leaves the model out has none: the built-in model, trained on
+        // synthetic frames, never runs a line unasked.
+        let file: ConfigFile = toml::from_str("[device]\nid = \"rdk-1\"\n").unwrap();
+        assert_eq!(file.validate().unwrap().model, None);
+    }
+
+    #[test]
+    fn builtin_excludes_the_other_model_keys() {
+        let file: ConfigFile = toml::from_str(
+            "[model]\nbuiltin = true\nonnx = \"/nonexistent/m.onnx\"\ntrusted_keys = [\"k.pub\"]\n",
+        )
+        .unwrap();
+        let Err(ConfigError::Invalid(p)) = file.validate() else {
+            panic!("accepted");
+        };
+        assert!(
+            p.iter().any(|l| l.contains("give no bundle or onnx")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.contains("model.trusted_keys: not with builtin")),
+            "{p:#?}"
+        );
+        let file: ConfigFile = toml::from_str("[model]\nbuiltin = true\n").unwrap();
+        assert_eq!(
+            file.validate().unwrap().model,
+            Some(ModelSection::builtin())
+        );
     }
 
     #[test]

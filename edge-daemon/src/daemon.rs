@@ -68,8 +68,18 @@ pub fn load_model(
         name: None,
         version: m.version.clone(),
     };
-    if let Some(bundle) = &m.bundle {
-        let loaded = Model::from_bundles(bundle, &m.alternatives, &m.trusted_keys, &options)?;
+    let loaded = match &m.bundle {
+        _ if m.builtin => Some((
+            Model::builtin(&options)?,
+            crate::model::BUILTIN_NAME.to_string(),
+        )),
+        Some(bundle) => Some((
+            Model::from_bundles(bundle, &m.alternatives, &m.trusted_keys, &options)?,
+            bundle.display().to_string(),
+        )),
+        None => None,
+    };
+    if let Some((loaded, bundle)) = loaded {
         for (i, t) in loaded.trials.iter().enumerate() {
             match &t.outcome {
                 Ok(p) => tracing::info!(
@@ -86,7 +96,7 @@ pub fn load_model(
             }
         }
         tracing::info!(
-            bundle = %bundle.display(),
+            %bundle,
             signer = %loaded.signer,
             version = %loaded.manifest.version,
             quantization = ?loaded.manifest.quantization,

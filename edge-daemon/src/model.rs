@@ -36,6 +36,15 @@ use crate::backend::{self, Backend, BackendError, BackendOptions, OnnxInfo};
 /// The backend name that lets the golden check choose ([`Model::from_bundle`]).
 pub const AUTO_BACKEND: &str = "auto";
 
+/// The default model: a MobileNetV2 that `weld-trainer` trained on synthetic frames, exported,
+/// and signed (`models/default/README.md` has the commands that remake it). It is built in so
+/// that the demo and a fresh board have a model without any file to install.
+pub const BUILTIN_BUNDLE: &[u8] = include_bytes!("../../models/default/weld-default.bundle");
+/// The public key the built-in bundle is signed with (hex); trusted for that bundle only.
+pub const BUILTIN_KEY: &str = include_str!("../../models/default/weld-default.pub");
+/// How logs and errors name the built-in bundle.
+pub const BUILTIN_NAME: &str = "(built-in default model)";
+
 /// Everything that can go wrong loading a model or classifying a frame with it.
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -370,16 +379,32 @@ impl Model {
             .map(|t| bundle::read_verifying_key(t))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ModelError::Key)?;
-        let read = |path: &Path| -> Result<(Bundle, String), ModelError> {
-            let bad = |source| ModelError::Bundle {
-                path: path.to_owned(),
-                source,
-            };
-            let b = Bundle::read(path).map_err(bad)?;
-            let signer = b.verify(&keys).map_err(bad)?;
-            Ok((b, bundle::key_id(&signer)))
+        let first = read_verified(primary, &keys)?;
+        Model::choose(first, alternatives, &keys, options)
+    }
+
+    /// The default model built into this binary ([`BUILTIN_BUNDLE`]), checked as any bundle
+    /// is: its signature against [`BUILTIN_KEY`], its hashes, and its golden outputs in each
+    /// backend (the fastest that passes runs). `weld-edge run` without a config runs it.
+    pub fn builtin(options: &ModelOptions) -> Result<BundleModel, ModelError> {
+        let bad = |source| ModelError::Bundle {
+            path: PathBuf::from(BUILTIN_NAME),
+            source,
         };
-        let (first, signer) = read(primary)?;
+        let key = bundle::read_verifying_key(BUILTIN_KEY.trim()).map_err(ModelError::Key)?;
+        let b = Bundle::from_reader(BUILTIN_BUNDLE).map_err(bad)?;
+        let signer = b.verify(&[key]).map_err(bad)?;
+        Model::choose((b, bundle::key_id(&signer)), &[], &[key], options)
+    }
+
+    /// The fastest (bundle, backend) pair of a verified primary bundle and its alternatives.
+    fn choose(
+        (first, signer): (Bundle, String),
+        alternatives: &[PathBuf],
+        keys: &[bundle::VerifyingKey],
+        options: &ModelOptions,
+    ) -> Result<BundleModel, ModelError> {
+        let read = |path: &Path| read_verified(path, keys);
         let mut trials = Vec::new();
         let mut best: Option<Best> = None;
         let mut last_error = None;
@@ -547,6 +572,21 @@ impl Model {
 }
 
 /// The fastest passing model so far: its time, its bundle's place in the list, its trial.
+/// Reads a bundle file and checks its signature against `keys` (and its hashes); returns it
+/// with the id of the key that signed it.
+fn read_verified(
+    path: &Path,
+    keys: &[bundle::VerifyingKey],
+) -> Result<(Bundle, String), ModelError> {
+    let bad = |source| ModelError::Bundle {
+        path: path.to_owned(),
+        source,
+    };
+    let b = Bundle::read(path).map_err(bad)?;
+    let signer = b.verify(keys).map_err(bad)?;
+    Ok((b, bundle::key_id(&signer)))
+}
+
 struct Best {
     model: Model,
     ms: f64,
@@ -758,6 +798,29 @@ pub fn argmax(values: &[f32]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_builtin_bundle_verifies_and_reproduces_its_golden_outputs_on_tract() {
+        let options = ModelOptions {
+            backend: "tract".into(),
+            ..ModelOptions::default()
+        };
+        let loaded = Model::builtin(&options).unwrap();
+        assert_eq!(loaded.model.classes(), weld_core::synth::DEFAULT_CLASSES);
+        assert_eq!(loaded.model.name(), "weld-default");
+        assert!(matches!(
+            loaded.model.input().resize,
+            weld_core::manifest::ResizeMode::BeadStrip { .. }
+        ));
+        assert!(loaded.manifest.golden.is_some());
+        assert_eq!(loaded.trials.len(), 1);
+        assert!(loaded.trials[0].outcome.is_ok(), "{:?}", loaded.trials);
+        // Signed by the key built in beside it.
+        assert_eq!(
+            loaded.signer,
+            bundle::key_id(&bundle::read_verifying_key(BUILTIN_KEY.trim()).unwrap())
+        );
+    }
 
     #[test]
     fn softmax_sums_to_one_and_keeps_order() {
