@@ -15,6 +15,19 @@ fn edge(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs a command that must succeed; its JSON lines and its stderr.
+fn edge_rows(args: &[&str]) -> (Vec<serde_json::Value>, String) {
+    let o = edge(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    let rows = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (rows, err)
+}
+
 /// Two synthetic frames per class at 640x480.
 fn dataset(root: &Path) {
     common::synth_dataset(root, 640, 480, 2);
@@ -24,13 +37,7 @@ fn dataset(root: &Path) {
 fn dataset_gives_one_result_per_frame_and_a_labelled_summary() {
     let dir = tempfile::tempdir().unwrap();
     dataset(dir.path());
-    let o = edge(&["inspect", "--policy", "rules", dir.path().to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (lines, err) = edge_rows(&["inspect", "--policy", "rules", dir.path().to_str().unwrap()]);
     assert_eq!(lines.len(), 10);
     for r in &lines {
         assert_eq!(r["v"], 1);
@@ -98,7 +105,7 @@ fn hybrid_asks_the_model_exactly_about_the_frames_the_rules_are_unsure_of() {
     let dir = tempfile::tempdir().unwrap();
     dataset(dir.path());
     let model = common::models_dir().join(common::F32_MODEL);
-    let o = edge(&[
+    let (rows, err) = edge_rows(&[
         "inspect",
         "--policy",
         "hybrid",
@@ -108,13 +115,6 @@ fn hybrid_asks_the_model_exactly_about_the_frames_the_rules_are_unsure_of() {
         "good,porosity,undercut",
         dir.path().to_str().unwrap(),
     ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let rows: Vec<serde_json::Value> = String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(rows.len(), 10);
     let gate = weld_core::rules::RulesConfig::default().confident_at as f64;
     let mut asked = 0;
@@ -147,7 +147,7 @@ fn the_builtin_model_classifies_frames_of_the_synthetic_camera() {
     let dir = tempfile::tempdir().unwrap();
     // Frames the model has never seen (another seed than its training set), 5 per class.
     common::synth_dataset(dir.path(), 640, 480, 5);
-    let o = edge(&[
+    let (rows, err) = edge_rows(&[
         "inspect",
         "--policy",
         "model",
@@ -155,13 +155,6 @@ fn the_builtin_model_classifies_frames_of_the_synthetic_camera() {
         "builtin",
         dir.path().to_str().unwrap(),
     ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let rows: Vec<serde_json::Value> = String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(rows.len(), 25);
     let mut right = 0;
     for r in &rows {
