@@ -36,6 +36,9 @@ pub enum Command {
     /// Evaluate a checkpoint (torch feature) or a signed bundle on a dataset: the model alone,
     /// the rules and the hybrid policy; writes report.json, report.html and PNG plots.
     Eval(EvalArgs),
+    /// Label a dataset's unlabeled/ frames and review its labels on a local web page
+    /// (127.0.0.1), keyboard first, with the rules' findings and the model's pre-labels.
+    Label(LabelArgs),
     /// Write a checkpoint's network as ONNX (batch norm folded) and its model card beside it
     /// (`model.onnx` -> `model.json`); checked in tract against the checkpoint first (needs
     /// the `torch` feature).
@@ -191,6 +194,31 @@ pub struct TrainArgs {
     /// Stop each epoch after this many batches (for throughput measurements).
     #[arg(long)]
     pub max_batches: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct LabelArgs {
+    /// The dataset folder (holding dataset.toml).
+    pub dataset: PathBuf,
+    /// The model whose pre-labels are shown: a signed bundle (needs --trusted), or `builtin`
+    /// for the default model built into weld-edge.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A trusted public key for --model: a `.pub` file or 64 hex digits (repeatable).
+    #[arg(long)]
+    pub trusted: Vec<String>,
+    /// Inference backend for --model: auto, tract, or ort with that feature.
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// Rules config whose findings are drawn (default: the built-in calibration).
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
+    /// Port on 127.0.0.1; 0 picks a free one.
+    #[arg(long, default_value_t = 8090)]
+    pub port: u16,
+    /// Who the change log names (default: $USER).
+    #[arg(long)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -573,6 +601,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Eval(a) => {
             eval_cmd(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Label(a) => {
+            let user = a
+                .user
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "unknown".into());
+            crate::label::run(&crate::label::LabelOptions {
+                dataset: a.dataset,
+                model: a.model,
+                trusted: a.trusted,
+                backend: a.backend,
+                rules: a.rules,
+                port: a.port,
+                user,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(a) => {

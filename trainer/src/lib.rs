@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod datasets;
 pub mod eval;
+pub mod label;
 pub mod onnx;
 pub mod quantize;
 pub mod report;

@@ -1,8 +1,10 @@
 //! Fixtures shared by the integration tests.
 #![allow(clippy::unwrap_used, dead_code)] // test fixtures; not every test file uses every one
 
+pub mod browser;
 pub mod daemon;
 pub mod mosquitto;
+pub mod output;
 
 use std::path::{Path, PathBuf};
 
