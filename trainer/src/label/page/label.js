@@ -166,6 +166,7 @@ function drawFindings(svg, f) {
     const t = document.createElementNS(SVG, "text");
     t.setAttribute("x", x); t.setAttribute("y", Math.max(y - 4, 12));
     t.setAttribute("fill", colour);
+    t.setAttribute("font-size", String(Math.max(12, Math.round(f.width / 45))));
     const size = fd.depth_mm != null ? ` ${fd.depth_mm.toFixed(1)} mm deep` : fd.diameter_mm != null ? ` ⌀${fd.diameter_mm.toFixed(1)} mm` : "";
     t.textContent = fd.kind.replace("_", " ") + size;
     svg.append(r, t);
