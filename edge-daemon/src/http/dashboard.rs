@@ -29,8 +29,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
 }
 
 /// The assets change with the binary: `no-cache` makes the browser ask again (a page left open
-/// across an upgrade gets the new script on reload).
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+/// across an upgrade gets the new script on reload). Also serves weld-trainer's labelling page.
+pub fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
@@ -45,13 +45,18 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-async fn index() -> Response {
-    let mut resp = asset("text/html; charset=utf-8", INDEX_HTML);
+/// An HTML page under a content security policy.
+pub fn page(html: &'static str, csp: &'static str) -> Response {
+    let mut resp = asset("text/html; charset=utf-8", html);
     resp.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
+        HeaderValue::from_static(csp),
     );
     resp
+}
+
+async fn index() -> Response {
+    page(INDEX_HTML, CSP)
 }
 
 async fn script() -> Response {

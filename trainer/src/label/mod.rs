@@ -28,6 +28,7 @@ use weld_core::dataset::{Dataset, Sample};
 use weld_core::frame::{DepthMap, load_depth, load_rgb};
 use weld_core::rules::{Detector, RulesConfig};
 use weld_edge::config::ModelSection;
+use weld_edge::http::dashboard::{asset, page};
 use weld_edge::model::Model;
 
 use store::{Judgement, LabelError, LabelStore, Opinion, Queue};
@@ -216,28 +217,8 @@ fn routes(state: Shared) -> Router {
         .with_state(state)
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (
-                header::X_CONTENT_TYPE_OPTIONS,
-                HeaderValue::from_static("nosniff"),
-            ),
-        ],
-        body,
-    )
-        .into_response()
-}
-
 async fn index() -> Response {
-    let mut resp = asset("text/html; charset=utf-8", INDEX_HTML);
-    resp.headers_mut().insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
-    );
-    resp
+    page(INDEX_HTML, CSP)
 }
 
 /// An error as the page shows it: a status and `{"error": message}`.
