@@ -51,12 +51,17 @@ fn press(tab: &mut Cdp, key: &str) {
 /// The frame on show and how many timings the page has taken.
 fn shown(tab: &mut Cdp) -> Value {
     tab.eval(
-        r#"(() => ({
-            id: document.getElementById("frame-id").textContent,
-            img: document.getElementById("rgb").naturalWidth,
-            timings: (window.labelTimings || []).length,
-            undo: document.getElementById("undo").textContent,
-        }))()"#,
+        r#"(() => {
+            const $ = (id) => document.getElementById(id);
+            // Navigation may not have reached the page yet.
+            if (!$("frame-id") || !$("rgb") || !$("undo")) return { loading: document.URL };
+            return {
+                id: $("frame-id").textContent,
+                img: $("rgb").naturalWidth,
+                timings: (window.labelTimings || []).length,
+                undo: $("undo").textContent,
+            };
+        })()"#,
     )
 }
 
