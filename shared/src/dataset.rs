@@ -455,10 +455,7 @@ impl Dataset {
         let (rgb, depth) = self.paths_for(class, stem);
         let dir = self.root.join(class.unwrap_or(UNLABELED));
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let taken = RGB_EXTENSIONS
-            .iter()
-            .any(|e| dir.join(format!("{stem}.{e}")).exists());
-        if taken || depth.exists() {
+        if stem_taken(&dir, stem) {
             return Err(DatasetError::Exists {
                 dir,
                 stem: stem.to_string(),
@@ -474,6 +471,15 @@ impl Dataset {
         });
         Ok(&self.samples[self.samples.len() - 1])
     }
+}
+
+/// Whether the folder `dir` already holds a frame named `stem` (its RGB file in any accepted
+/// format, or its depth file).
+pub fn stem_taken(dir: &Path, stem: &str) -> bool {
+    RGB_EXTENSIONS
+        .iter()
+        .any(|e| dir.join(format!("{stem}.{e}")).exists())
+        || dir.join(format!("{stem}{DEPTH_SUFFIX}")).exists()
 }
 
 /// Writes `groups.csv` (`stem,group`, sorted by stem) atomically.

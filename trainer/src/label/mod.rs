@@ -148,16 +148,14 @@ pub fn run(opts: &LabelOptions) -> Result<()> {
         None => RulesConfig::default(),
     };
     let detector = Detector::new(rules_cfg)?;
-    let ds = Dataset::open(&opts.dataset)
-        .with_context(|| format!("opening the dataset {}", opts.dataset.display()))?;
-    for p in &ds.problems {
-        eprintln!("warning: {p}");
-    }
     let started = Instant::now();
     let store = LabelStore::open(&opts.dataset, |ds, s| {
         judge(ds, s, &detector, model.as_ref())
     })
     .with_context(|| format!("opening the dataset {}", opts.dataset.display()))?;
+    for p in store.problems() {
+        eprintln!("warning: {p}");
+    }
     eprintln!(
         "judged {} frames in {:.1} s ({}); {} change(s) can be undone",
         store.frames().len(),
@@ -169,10 +167,10 @@ pub fn run(opts: &LabelOptions) -> Result<()> {
         store.undoable()
     );
     let state = Arc::new(AppState {
+        depth_unit_mm: store.depth_unit_mm(),
         store: Mutex::new(store),
         user: opts.user.clone(),
         dataset: opts.dataset.display().to_string(),
-        depth_unit_mm: ds.spec.depth_unit_mm,
         model: model
             .as_ref()
             .map(|m| (m.name().to_string(), m.version().to_string())),
@@ -373,30 +371,27 @@ async fn label(
         Ok(b) => b,
         Err(e) => return fail(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let state2 = state.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        let mut store = state2.store.lock().unwrap_or_else(|p| p.into_inner());
-        let applied = store.relabel(&body.frames, body.label.as_deref(), &state2.user);
-        applied.map(|a| (a, summary(&state2, &store)))
+    change(state, move |store, user| {
+        store.relabel(&body.frames, body.label.as_deref(), user)
     })
-    .await;
-    reply(done)
+    .await
 }
 
 async fn undo(State(state): State<Shared>) -> Response {
-    let state2 = state.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        let mut store = state2.store.lock().unwrap_or_else(|p| p.into_inner());
-        let applied = store.undo(&state2.user);
-        applied.map(|a| (a, summary(&state2, &store)))
-    })
-    .await;
-    reply(done)
+    change(state, |store, user| store.undo(user)).await
 }
 
-fn reply(
-    done: Result<Result<(store::Applied, serde_json::Value), LabelError>, tokio::task::JoinError>,
+/// Runs a change of the store off the async threads (it renames files and syncs the log) and
+/// answers with what moved and the new counts.
+async fn change(
+    state: Shared,
+    f: impl FnOnce(&mut LabelStore, &str) -> Result<store::Applied, LabelError> + Send + 'static,
 ) -> Response {
+    let done = tokio::task::spawn_blocking(move || {
+        let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut store, &state.user).map(|a| (a, summary(&state, &store)))
+    })
+    .await;
     match done {
         Ok(Ok((applied, info))) => Json(json!({
             "change": applied.change,

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use weld_core::dataset::{Dataset, DatasetError, UNLABELED};
+use weld_core::dataset::{Dataset, DatasetError, Problem, UNLABELED, stem_taken};
 use weld_core::frame::DEPTH_SUFFIX;
 use weld_core::fsutil::write_atomic;
 use weld_core::result::Finding;
@@ -186,6 +186,9 @@ pub struct Applied {
 pub struct LabelStore {
     root: PathBuf,
     classes: Vec<String>,
+    depth_unit_mm: Option<f32>,
+    /// Layout problems found when the dataset was opened.
+    problems: Vec<Problem>,
     frames: Vec<FrameInfo>,
     by_id: HashMap<String, usize>,
     /// Changes that can still be undone, oldest first: their records.
@@ -195,6 +198,11 @@ pub struct LabelStore {
 
 fn folder_name(label: Option<&str>) -> &str {
     label.unwrap_or(UNLABELED)
+}
+
+/// A frame's id: `FOLDER/STEM`.
+fn frame_id(label: Option<&str>, stem: &str) -> String {
+    format!("{}/{stem}", folder_name(label))
 }
 
 fn sha256_file(path: &Path) -> Result<String, LabelError> {
@@ -219,7 +227,7 @@ impl LabelStore {
             .map(|s| {
                 let label = ds.label_name(s).map(String::from);
                 FrameInfo {
-                    id: format!("{}/{}", folder_name(label.as_deref()), s.stem),
+                    id: frame_id(label.as_deref(), &s.stem),
                     stem: s.stem.clone(),
                     label,
                     has_depth: s.depth.is_some(),
@@ -237,6 +245,8 @@ impl LabelStore {
         Ok(LabelStore {
             root: root.to_path_buf(),
             classes: ds.spec.classes.clone(),
+            depth_unit_mm: ds.spec.depth_unit_mm,
+            problems: ds.problems.clone(),
             frames,
             by_id,
             undo_stack,
@@ -246,6 +256,15 @@ impl LabelStore {
 
     pub fn classes(&self) -> &[String] {
         &self.classes
+    }
+
+    /// `dataset.toml`'s depth unit.
+    pub fn depth_unit_mm(&self) -> Option<f32> {
+        self.depth_unit_mm
+    }
+
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
     }
 
     pub fn frames(&self) -> &[FrameInfo] {
@@ -285,7 +304,7 @@ impl LabelStore {
     pub fn queue(&self, queue: &Queue, has_model: bool) -> Result<Vec<String>, LabelError> {
         let unlabeled = || self.frames.iter().filter(|f| f.label.is_none());
         let model_conf = |f: &FrameInfo| f.judgement.model.as_ref().map_or(0.0, |m| m.confidence);
-        let mut picked: Vec<&FrameInfo> = match queue {
+        let picked: Vec<&FrameInfo> = match queue {
             Queue::Unlabeled => unlabeled().collect(),
             Queue::All => self.frames.iter().collect(),
             Queue::LeastConfident => {
@@ -345,7 +364,6 @@ impl LabelStore {
                 v
             }
         };
-        picked.dedup_by(|a, b| a.id == b.id);
         Ok(picked.into_iter().map(|f| f.id.clone()).collect())
     }
 
@@ -390,7 +408,7 @@ impl LabelStore {
         let undoes = last.first().map(|r| r.change);
         let mut plan = Vec::new();
         for r in last {
-            let id = format!("{}/{}", r.to, r.stem);
+            let id = frame_id(Some(&r.to), &r.stem);
             let i = *self.by_id.get(&id).ok_or(LabelError::NoFrame(id))?;
             let back = (r.from != UNLABELED).then(|| r.from.clone());
             plan.push((i, back));
@@ -418,7 +436,8 @@ impl LabelStore {
         let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let mut records = Vec::new();
         let mut moves = Vec::new();
-        let mut targets = Vec::new();
+        // Where each frame's RGB and depth files go, in plan order.
+        let mut targets: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
         for (i, to) in &plan {
             let f = &self.frames[*i];
             let to_dir = folder_name(to.as_deref());
@@ -429,13 +448,11 @@ impl LabelStore {
                 .map(|e| e.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "png".into());
             let rgb_to = dir.join(format!("{}.{ext}", f.stem));
-            let depth_to = dir.join(format!("{}{DEPTH_SUFFIX}", f.stem));
-            let taken = weld_core::dataset::RGB_EXTENSIONS
-                .iter()
-                .any(|e| dir.join(format!("{}.{e}", f.stem)).exists())
-                || depth_to.exists()
-                || targets.contains(&rgb_to);
-            if taken {
+            let depth_to = f
+                .depth
+                .as_ref()
+                .map(|_| dir.join(format!("{}{DEPTH_SUFFIX}", f.stem)));
+            if stem_taken(&dir, &f.stem) || targets.iter().any(|(r, _)| *r == rgb_to) {
                 return Err(LabelError::NameTaken {
                     dir: to_dir.to_string(),
                     stem: f.stem.clone(),
@@ -453,17 +470,17 @@ impl LabelStore {
                 rgb_sha256: sha256_file(&f.rgb)?,
             });
             // Depth first: until the RGB file moves, the frame is where it was.
-            if let Some(d) = &f.depth {
+            if let (Some(from), Some(to)) = (&f.depth, &depth_to) {
                 moves.push(FileMove {
-                    from: d.clone(),
-                    to: depth_to,
+                    from: from.clone(),
+                    to: to.clone(),
                 });
             }
             moves.push(FileMove {
                 from: f.rgb.clone(),
                 to: rgb_to.clone(),
             });
-            targets.push(rgb_to);
+            targets.push((rgb_to, depth_to));
         }
         for (_, to) in &plan {
             let dir = self.root.join(folder_name(to.as_deref()));
@@ -495,21 +512,11 @@ impl LabelStore {
         fs::remove_file(&pending_path).map_err(io_err(&pending_path))?;
 
         let mut moved = Vec::new();
-        for (i, to) in plan {
+        for ((i, to), (rgb, depth)) in plan.into_iter().zip(targets) {
             let f = &mut self.frames[i];
-            let old = f.id.clone();
-            let dir = self.root.join(folder_name(to.as_deref()));
-            if let Some(d) = &f.depth {
-                f.depth = Some(
-                    dir.join(
-                        d.file_name()
-                            .map(PathBuf::from)
-                            .unwrap_or_else(|| PathBuf::from(format!("{}{DEPTH_SUFFIX}", f.stem))),
-                    ),
-                );
-            }
-            f.rgb = dir.join(f.rgb.file_name().map(PathBuf::from).unwrap_or_default());
-            f.id = format!("{}/{}", folder_name(to.as_deref()), f.stem);
+            let old = std::mem::replace(&mut f.id, frame_id(to.as_deref(), &f.stem));
+            f.rgb = rgb;
+            f.depth = depth;
             f.label = to;
             self.by_id.remove(&old);
             self.by_id.insert(f.id.clone(), i);
