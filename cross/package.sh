@@ -18,7 +18,10 @@ export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--target=aarch64-linux-gnu -I/usr/aarch64-linux-gnu/include"
 
-cargo build --release --locked -p weld-edge --target "$target" ${features:+--features "$features"}
+# Without the builtin-model feature: the default model is installed as a file (below) instead
+# of embedded, which keeps the binary within the board's 30 MB.
+cargo build --release --locked -p weld-edge --target "$target" --no-default-features \
+    ${features:+--features "$features"}
 bin=target/$target/release/weld-edge
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
@@ -27,6 +30,9 @@ trap 'rm -rf "$stage"' EXIT
 root=$stage/weld-edge_${version}_arm64
 install -D -m 0755 "$bin" "$root/usr/bin/weld-edge"
 aarch64-linux-gnu-strip "$root/usr/bin/weld-edge"
+# The default model, where the binary built without builtin-model looks for it
+# (edge-daemon/src/model.rs, BUILTIN_BUNDLE_PATH); it is checked against the key built in.
+install -D -m 0644 models/default/weld-default.bundle "$root/usr/share/weld-edge/weld-default.bundle"
 install -D -m 0644 systemd/weld-edge.service "$root/usr/lib/systemd/system/weld-edge.service"
 install -D -m 0644 firmware-config/99-weld-edge-camera.rules \
     "$root/usr/lib/udev/rules.d/99-weld-edge-camera.rules"

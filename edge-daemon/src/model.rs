@@ -37,9 +37,20 @@ use crate::backend::{self, Backend, BackendError, BackendOptions, OnnxInfo};
 pub const AUTO_BACKEND: &str = "auto";
 
 /// The default model: a MobileNetV2 that `weld-trainer` trained on synthetic frames, exported,
-/// and signed (`models/default/README.md` has the commands that remake it). It is built in so
-/// that the demo and a fresh board have a model without any file to install.
+/// and signed (`models/default/README.md` has the commands that remake it). With the
+/// `builtin-model` feature (on by default) it is built in, so that the demo has a model without
+/// any file to install.
+#[cfg(feature = "builtin-model")]
 pub const BUILTIN_BUNDLE: &[u8] = include_bytes!("../../models/default/weld-default.bundle");
+/// Where a build without the `builtin-model` feature reads the default bundle instead: the
+/// board's package installs it there, which keeps its 3 MB out of the binary (and out of the
+/// daemon's resident memory once it is loaded). `WELD_EDGE_BUILTIN_BUNDLE` at build time moves
+/// it. The key it must be signed with, [`BUILTIN_KEY`], is built in either way.
+#[cfg(not(feature = "builtin-model"))]
+pub const BUILTIN_BUNDLE_PATH: &str = match option_env!("WELD_EDGE_BUILTIN_BUNDLE") {
+    Some(path) => path,
+    None => "/usr/share/weld-edge/weld-default.bundle",
+};
 /// The public key the built-in bundle is signed with (hex); trusted for that bundle only.
 pub const BUILTIN_KEY: &str = include_str!("../../models/default/weld-default.pub");
 /// How logs and errors name the built-in bundle.
@@ -383,18 +394,25 @@ impl Model {
         Model::choose(first, alternatives, &keys, options)
     }
 
-    /// The default model built into this binary ([`BUILTIN_BUNDLE`]), checked as any bundle
-    /// is: its signature against [`BUILTIN_KEY`], its hashes, and its golden outputs in each
-    /// backend (the fastest that passes runs). `weld-edge run` without a config runs it.
+    /// The default model (`BUILTIN_BUNDLE` in this binary, or the file at
+    /// `BUILTIN_BUNDLE_PATH` in a build without the `builtin-model` feature), checked as any
+    /// bundle is: its signature against [`BUILTIN_KEY`], its hashes, and its golden outputs in
+    /// each backend (the fastest that passes runs). `weld-edge run` without a config runs it.
     pub fn builtin(options: &ModelOptions) -> Result<BundleModel, ModelError> {
-        let bad = |source| ModelError::Bundle {
-            path: PathBuf::from(BUILTIN_NAME),
-            source,
-        };
         let key = bundle::read_verifying_key(BUILTIN_KEY.trim()).map_err(ModelError::Key)?;
-        let b = Bundle::from_reader(BUILTIN_BUNDLE).map_err(bad)?;
-        let signer = b.verify(&[key]).map_err(bad)?;
-        Model::choose((b, bundle::key_id(&signer)), &[], &[key], options)
+        #[cfg(feature = "builtin-model")]
+        let verified = {
+            let bad = |source| ModelError::Bundle {
+                path: PathBuf::from(BUILTIN_NAME),
+                source,
+            };
+            let b = Bundle::from_reader(BUILTIN_BUNDLE).map_err(bad)?;
+            let signer = b.verify(&[key]).map_err(bad)?;
+            (b, bundle::key_id(&signer))
+        };
+        #[cfg(not(feature = "builtin-model"))]
+        let verified = read_verified(Path::new(BUILTIN_BUNDLE_PATH), &[key])?;
+        Model::choose(verified, &[], &[key], options)
     }
 
     /// The fastest (bundle, backend) pair of a verified primary bundle and its alternatives.
