@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod inspect;
+pub mod malloc;
 pub mod model;
 pub mod mqtt;
 pub mod pipeline;

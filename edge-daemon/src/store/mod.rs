@@ -270,7 +270,10 @@ impl Store {
             .path(dir)
             .cache_capacity(CACHE_CAPACITY_BYTES)
             .flush_every_ms(Some(FLUSH_EVERY_MS));
-        let db = open_waiting_for_lock(|| sled_config.open().map_err(open_err))?;
+        // sled makes its metrics on the first open; see `malloc::with_large_blocks_mapped`.
+        let db = crate::malloc::with_large_blocks_mapped(|| {
+            open_waiting_for_lock(|| sled_config.open().map_err(open_err))
+        })?;
         check_layout(&db, dir)?;
         let history = History::open(
             db.open_tree(HISTORY_TREE).map_err(open_err)?,
