@@ -62,11 +62,14 @@ pub fn tune() {
 /// For a step that allocates large blocks, writes zeros into them and never touches them again:
 /// sled's `Metrics`, made the first time a database opens, are 41 histograms of 512 KiB (21.5 MB)
 /// that sled fills with zeros even with its metrics off (sled 0.34 `histogram.rs`). Taken from an
-/// arena they are dirty, resident pages for the life of the process; mapped, they are fresh pages
-/// from the kernel, and zero writes LLVM turns into a zeroed allocation leave them unresident.
+/// arena they are dirty, resident pages for the life of the process. Mapped, they are fresh
+/// zero pages from the kernel, and in the release build most of them never become resident: the
+/// hybrid bench peaks 5-10 MB lower (docs/PERFORMANCE.md; measured, not traced to the
+/// instruction). glibc maps a block over the threshold only when the arena's free memory cannot
+/// hold it, so the few that fit in what is free at that moment still come from the arena.
 ///
 /// Only when [`tune`] set the threshold: with `MALLOC_MMAP_THRESHOLD_` in the environment, or in
-/// a process that never called [`tune`] (tests, other binaries), `f` just runs. Other threads
+/// a process that never called [`tune`] (other binaries, most tests), `f` just runs. Other threads
 /// that allocate meanwhile get blocks of 256 KiB and more mapped, which is slower, never wrong.
 pub fn with_large_blocks_mapped<T>(f: impl FnOnce() -> T) -> T {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
