@@ -100,7 +100,7 @@ pub fn peak_rss_kb() -> Option<u64> {
 /// histograms cover every frame.
 pub fn run(cfg: &Config, duration: Duration) -> Result<BenchReport, DaemonError> {
     let store = Store::open(&cfg.store_dir, &cfg.store)?;
-    let (shared, settings) = daemon::prepare(cfg);
+    let (shared, settings) = daemon::prepare(cfg, store.models());
     let sinks: Vec<Box<dyn Sink>> = vec![Box::new(StoreSink::new(store, shared.clone()))];
     let source = pipeline::open_source(&cfg.source, &shared)?;
     let started = Instant::now();

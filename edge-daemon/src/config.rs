@@ -14,6 +14,7 @@ use thiserror::Error;
 use weld_core::manifest::{InputSpec, class_list_problems};
 use weld_core::rules::{Detector, RulesConfig};
 
+use crate::deploy::DeploySection;
 use crate::http::{HttpSection, HttpSettings};
 use crate::mqtt::{MqttSection, MqttSettings};
 use crate::policy::{Policy, PolicyKind, Thresholds};
@@ -58,6 +59,8 @@ pub struct ConfigFile {
     pub mqtt: MqttSection,
     /// The HTTP API, the dashboard and `/metrics`.
     pub http: HttpSection,
+    /// Models pushed to this device: trusted keys, how many are kept.
+    pub deploy: DeploySection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -261,6 +264,8 @@ pub struct Config {
     pub mqtt: Option<MqttSettings>,
     /// `None`: HTTP is off.
     pub http: Option<HttpSettings>,
+    /// Models pushed to this device.
+    pub deploy: DeploySection,
     /// The file as loaded (for `GET /api/v1/config`): paths and values, no secrets (they are
     /// never in the file, only the names of the files and variables that hold them).
     pub file: serde_json::Value,
@@ -371,6 +376,7 @@ impl ConfigFile {
             }
         };
 
+        problems.extend(self.deploy.problems());
         let http = match self.http.resolve() {
             Ok(h) => h,
             Err(p) => {
@@ -399,6 +405,7 @@ impl ConfigFile {
                 stdout_jsonl: self.output.stdout_jsonl,
                 mqtt,
                 http,
+                deploy: self.deploy,
                 file,
             }),
             _ => Err(ConfigError::Invalid(problems)),

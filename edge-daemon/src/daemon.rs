@@ -20,7 +20,7 @@ use crate::mqtt::{self, BrokerAddr, MqttSettings, MqttSink};
 use crate::pipeline::{self, Identity, PipelineSettings, Shared, Sink};
 use crate::service::{Liveness, Notifier};
 use crate::sinks::{JsonlSink, StoreSink};
-use crate::store::{Store, StoreError};
+use crate::store::{Models, Store, StoreError};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -117,10 +117,12 @@ pub fn load_model(
 }
 
 /// The shared state and the pipeline settings for `cfg`, with the model loaded (or the reason
-/// it is missing logged).
-pub fn prepare(cfg: &Config) -> (Arc<Shared>, PipelineSettings) {
+/// it is missing logged): the active model installed in `models` when it passes its checks,
+/// else the configured one (`deploy::startup_model`).
+pub fn prepare(cfg: &Config, models: &Models) -> (Arc<Shared>, PipelineSettings) {
     let mut model_error = None;
-    let model = match load_model(cfg.model.as_ref(), cfg.workers) {
+    let loaded = crate::deploy::startup_model(models, cfg.model.as_ref(), &cfg.deploy, cfg.workers);
+    let model = match loaded {
         Ok(Some(m)) => {
             tracing::info!(
                 model = m.name(),
@@ -168,7 +170,14 @@ pub async fn run(
 ) -> Result<RunReport, DaemonError> {
     let store = Store::open(&cfg.store_dir, &cfg.store)?;
     tracing::info!(dir = %cfg.store_dir.display(), results = store.history().len(), "store open");
-    let (shared, settings) = prepare(&cfg);
+    let (shared, settings) = prepare(&cfg, store.models());
+    let deployer = Arc::new(crate::deploy::Deployer::new(
+        shared.clone(),
+        store.models().clone(),
+        cfg.model.clone(),
+        &cfg.deploy,
+        cfg.workers,
+    ));
     // The MQTT sink goes first: a result is in the outbox before anything else sees it (the
     // outbox's crash rules rely on this order).
     let wake = Arc::new(Notify::new());
@@ -204,6 +213,7 @@ pub async fn run(
                 live,
                 detector: settings.detector.clone(),
                 token: h.token.clone(),
+                deployer,
                 started: Instant::now(),
                 config: cfg.file.clone(),
             };

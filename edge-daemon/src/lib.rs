@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod deploy;
 pub mod http;
 pub mod inspect;
 pub mod malloc;

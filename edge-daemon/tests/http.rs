@@ -45,6 +45,8 @@ struct Setup {
     token: bool,
     mqtt: bool,
     request_timeout_s: u64,
+    /// More TOML, appended to the config.
+    extra: String,
 }
 
 impl Default for Setup {
@@ -53,6 +55,7 @@ impl Default for Setup {
             token: true,
             mqtt: false,
             request_timeout_s: 30,
+            extra: String::new(),
         }
     }
 }
@@ -61,7 +64,26 @@ impl Daemon {
     fn start(setup: Setup) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &setup);
-        let (mut child, log) = spawn_run(&config);
+        let (child, log, addr) = Daemon::spawn(&config);
+        Daemon {
+            child,
+            log,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (as a power cut would stop it) and starts it again on the
+    /// same config and data directory.
+    fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, log, addr) = Daemon::spawn(&self._dir.path().join("edge.toml"));
+        (self.child, self.log, self.addr) = (child, log, addr);
+    }
+
+    fn spawn(config: &Path) -> (Child, Arc<Mutex<String>>, SocketAddr) {
+        let (mut child, log) = spawn_run(config);
         // "HTTP API listening addr=127.0.0.1:PORT"
         let deadline = Instant::now() + Duration::from_secs(20);
         let addr = loop {
@@ -83,12 +105,7 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        Daemon {
-            child,
-            log,
-            addr,
-            _dir: dir,
-        }
+        (child, log, addr)
     }
 
     fn url(&self, path: &str) -> String {
@@ -229,9 +246,11 @@ port = 0
 max_body_bytes = {MAX_BODY}
 request_timeout_s = {timeout}
 {token_line}
+{extra}
 "#,
             store = dir.join("store").display(),
             timeout = setup.request_timeout_s,
+            extra = setup.extra,
         ),
     )
     .unwrap();
@@ -1059,5 +1078,259 @@ fn bad_requests_get_json_errors() {
     let answer = raw(d.addr, &head, Vec::new(), Duration::from_secs(10));
     assert_eq!(assert_json_error(&answer, 408), "timeout");
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    d.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models pushed to the device
+
+/// The key the deploy tests sign with, and the one no device trusts.
+const DEPLOY_KEY: [u8; 32] = [9; 32];
+const OTHER_KEY: [u8; 32] = [10; 32];
+
+/// A daemon running the built-in model that trusts [`DEPLOY_KEY`] for pushed bundles.
+fn deploy_daemon() -> Daemon {
+    let public = ed25519_dalek::SigningKey::from_bytes(&DEPLOY_KEY).verifying_key();
+    Daemon::start(Setup {
+        extra: format!(
+            "[model]\nbuiltin = true\n[deploy]\ntrusted_keys = [\"{}\"]\nkeep = 2\n",
+            hex::encode(public.as_bytes())
+        ),
+        ..Setup::default()
+    })
+}
+
+/// The built-in model's bundle as read (its ONNX, manifest and golden inputs), to re-sign.
+fn builtin_bundle() -> weld_core::bundle::Bundle {
+    weld_core::bundle::Bundle::from_reader(weld_edge::model::BUILTIN_BUNDLE).unwrap()
+}
+
+/// The built-in model re-signed as `version` with `key`, after `tweak` edits the parts.
+fn signed(
+    version: &str,
+    key: [u8; 32],
+    tweak: impl FnOnce(&mut weld_core::manifest::ModelManifest, &mut Vec<u8>, &mut Option<Vec<u8>>),
+) -> Vec<u8> {
+    let b = builtin_bundle();
+    let (mut manifest, mut onnx, mut golden) = (b.manifest, b.onnx, b.golden);
+    manifest.version = version.into();
+    tweak(&mut manifest, &mut onnx, &mut golden);
+    let key = ed25519_dalek::SigningKey::from_bytes(&key);
+    weld_core::bundle::Bundle::sign(manifest, onnx, golden, &key)
+        .unwrap()
+        .to_tar()
+        .unwrap()
+}
+
+fn good(version: &str) -> Vec<u8> {
+    signed(version, DEPLOY_KEY, |_, _, _| {})
+}
+
+impl Daemon {
+    fn push(&self, body: &[u8], query: &str) -> Reply {
+        call(
+            agent()
+                .post(self.url(&format!("/api/v1/models{query}")))
+                .header("Authorization", format!("Bearer {TOKEN}"))
+                .header("Content-Type", "application/x-tar")
+                .send(body),
+        )
+    }
+
+    fn models_post(&self, path: &str) -> Reply {
+        call(
+            agent()
+                .post(self.url(&format!("/api/v1/models{path}")))
+                .header("Authorization", format!("Bearer {TOKEN}"))
+                .send_empty(),
+        )
+    }
+
+    fn models_delete(&self, version: &str) -> Reply {
+        call(
+            agent()
+                .delete(self.url(&format!("/api/v1/models/{version}")))
+                .header("Authorization", format!("Bearer {TOKEN}"))
+                .call(),
+        )
+    }
+
+    fn models(&self) -> serde_json::Value {
+        let r = self.get("/api/v1/models");
+        r.expect(200);
+        r.json()
+    }
+
+    /// The version of the model deciding frames now.
+    fn running(&self) -> String {
+        self.models()["running"]["version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+#[test]
+fn a_pushed_bundle_is_checked_installed_switched_and_rolled_back() {
+    let mut d = deploy_daemon();
+    d.wait_results(1);
+    let builtin = builtin_bundle().manifest.version;
+    assert_eq!(d.running(), builtin);
+    assert_eq!(d.models()["active"], serde_json::Value::Null);
+
+    // Without the token nothing is installed.
+    let r = call(agent().post(d.url("/api/v1/models")).send(&good("v-a")[..]));
+    assert_eq!(r.error(401), "unauthorized");
+
+    // Installed and running; larger than http.max_body_bytes, which limits other uploads only.
+    let a = good("v-a");
+    assert!(a.len() > MAX_BODY);
+    let r = d.push(&a, "");
+    r.expect(201);
+    let installed: serde_json::Value = r.json();
+    assert_eq!(installed["model"]["version"], "v-a");
+    assert_eq!(installed["active"], true);
+    assert_eq!(installed["new"], true);
+    assert_eq!(d.running(), "v-a");
+    // The same bundle again changes nothing and says so; another bundle under its version is a
+    // conflict.
+    let again: serde_json::Value = d.push(&a, "").expect(200).json();
+    assert_eq!(again["new"], false);
+    let other = signed("v-a", DEPLOY_KEY, |m, _, _| m.name = "renamed".into());
+    assert_eq!(d.push(&other, "").error(409), "version_conflict");
+
+    // Installed without running it, then run by name.
+    let r = d.push(&good("v-b"), "?activate=false");
+    r.expect(201);
+    assert_eq!(d.running(), "v-a");
+    d.models_post("/v-b/activate").expect(200);
+    assert_eq!(d.running(), "v-b");
+    assert_eq!(d.models_delete("v-b").error(409), "active");
+
+    // Rollback undoes, one step at a time, down to the configured model.
+    let view: serde_json::Value = d.models_post("/rollback").expect(200).json();
+    assert_eq!(view["active"], "v-a");
+    assert_eq!(d.running(), "v-a");
+    d.models_post("/rollback").expect(200);
+    assert_eq!(d.running(), builtin);
+    assert_eq!(d.models_post("/rollback").error(409), "no_previous");
+    assert_eq!(d.models_post("/v-zzz/activate").error(404), "not_found");
+
+    // keep = 2: a third install removes the oldest that does not run.
+    d.models_post("/v-b/activate").expect(200);
+    let c: serde_json::Value = d.push(&good("v-c"), "").expect(201).json();
+    assert_eq!(c["removed"], serde_json::json!(["v-a"]));
+    let versions: Vec<String> = d.models()["installed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["version"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(versions, ["v-b", "v-c"]);
+    d.models_delete("v-b").expect(200);
+    assert_eq!(d.models_delete("v-b").error(404), "not_found");
+
+    // Frames kept flowing through every change.
+    let before = d.wait_results(1).len();
+    d.wait_results(before + 5);
+
+    // A power cut right after: the device comes back on the model it was running.
+    d.kill_and_restart();
+    assert_eq!(d.running(), "v-c", "{}", d.log());
+    assert_eq!(d.models()["active"], "v-c");
+    d.assert_alive();
+}
+
+#[test]
+fn bad_bundles_are_refused_with_the_reason_and_the_model_stays() {
+    let mut d = deploy_daemon();
+    d.wait_results(1);
+    d.push(&good("v-ok"), "").expect(201);
+    let whole = good("v-trunc");
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "signed by an untrusted key",
+            signed("v-1", OTHER_KEY, |_, _, _| {}),
+            "does not verify with any trusted key",
+        ),
+        (
+            "ONNX changed after signing",
+            {
+                let mut b = builtin_bundle();
+                b.manifest.version = "v-2".into();
+                let key = ed25519_dalek::SigningKey::from_bytes(&DEPLOY_KEY);
+                let mut s =
+                    weld_core::bundle::Bundle::sign(b.manifest, b.onnx, b.golden, &key).unwrap();
+                let n = s.onnx.len();
+                s.onnx[n - 10] ^= 0x55;
+                s.to_tar().unwrap()
+            },
+            "does not match the manifest",
+        ),
+        (
+            "a class more than the model has outputs",
+            signed("v-3", DEPLOY_KEY, |m, _, _| {
+                m.classes.push("crack".into());
+                for row in &mut m.golden.as_mut().unwrap().logits {
+                    row.push(0.0);
+                }
+            }),
+            "class",
+        ),
+        (
+            "an ONNX that does not load",
+            signed("v-4", DEPLOY_KEY, |_, onnx, _| {
+                *onnx = b"this is not an ONNX model".to_vec();
+            }),
+            "not a usable ONNX",
+        ),
+        (
+            "golden outputs the model does not reproduce",
+            signed("v-5", DEPLOY_KEY, |m, _, _| {
+                let g = m.golden.as_mut().unwrap();
+                for v in g.logits.iter_mut().flatten() {
+                    *v += 3.0;
+                }
+            }),
+            "golden",
+        ),
+        (
+            "no golden inputs",
+            signed("v-6", DEPLOY_KEY, |m, _, golden| {
+                m.golden = None;
+                *golden = None;
+            }),
+            "no golden inputs",
+        ),
+        (
+            "truncated upload",
+            whole[..whole.len() / 2].to_vec(),
+            "cut short",
+        ),
+        ("not a bundle", b"hello".to_vec(), "not a model bundle"),
+    ];
+    let mut seen = Vec::new();
+    for (what, body, says) in &bad {
+        let r = d.push(body, "");
+        let code = r.error(422);
+        let v: serde_json::Value = r.json();
+        let detail = v["detail"].as_str().unwrap().to_string();
+        assert_eq!(code, "invalid_bundle", "{what}: {detail}");
+        assert!(detail.contains(says), "{what}: {detail}");
+        assert_eq!(d.running(), "v-ok", "{what}");
+        seen.push(format!("{what}: {detail}"));
+    }
+    eprintln!("refusals:\n{}", seen.join("\n"));
+    assert_eq!(d.push(b"", "").error(400), "bad_request");
+    // Nothing of the refused bundles stayed on the device.
+    let installed = d.models()["installed"].as_array().unwrap().len();
+    assert_eq!(installed, 1);
+    let files: Vec<_> = std::fs::read_dir(d._dir.path().join("store/models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files, ["v-ok.bundle"]);
+    let before = d.wait_results(1).len();
+    d.wait_results(before + 5);
     d.assert_alive();
 }

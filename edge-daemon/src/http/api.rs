@@ -147,9 +147,12 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     info(title = "weld-edge", description = "The weld inspection daemon's HTTP API"),
     paths(
         healthz, readyz, metrics, status, stats, results, results_latest, results_stream,
-        frame_latest, inspect, get_config, patch_config, captures, capture, openapi_json
+        frame_latest, inspect, get_config, patch_config, captures, capture, list_models,
+        upload_model, activate_model, rollback_model, delete_model, openapi_json
     ),
-    components(schemas(ErrorBody, DeviceStatus, MqttState, ConfigPatch, PolicyPatch)),
+    components(schemas(ErrorBody, DeviceStatus, MqttState, ConfigPatch, PolicyPatch,
+        crate::deploy::ModelsView, crate::deploy::Installed, crate::deploy::RunningModel,
+        crate::store::InstalledModel)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -183,6 +186,19 @@ pub fn router(state: Arc<AppState>, settings: &HttpSettings) -> Router {
         .route("/api/v1/config", get(get_config).patch(patch_config))
         .route("/api/v1/captures", get(captures))
         .route("/api/v1/captures/:id", get(capture))
+        .route("/api/v1/models", get(list_models).post(upload_model))
+        .route(
+            "/api/v1/models/rollback",
+            axum::routing::post(rollback_model),
+        )
+        .route(
+            "/api/v1/models/:version/activate",
+            axum::routing::post(activate_model),
+        )
+        .route(
+            "/api/v1/models/:version",
+            axum::routing::delete(delete_model),
+        )
         .route("/api/v1/openapi.json", get(openapi_json))
         .merge(super::dashboard::routes())
         .fallback(not_found)
@@ -732,6 +748,163 @@ async fn capture(
         },
         _ => Ok(Json(serde_json::json!({"result": cap.result})).into_response()),
     }
+}
+
+// ------------------------------------------------------------------ models
+
+/// The answer to a refused model change: the code and status for each reason.
+fn deploy_error(e: crate::deploy::DeployError) -> ApiError {
+    use crate::deploy::DeployError as E;
+    let (status, code) = match &e {
+        E::Busy => (StatusCode::CONFLICT, "busy"),
+        E::NoTrustedKeys => (StatusCode::FORBIDDEN, "no_trusted_keys"),
+        E::Refused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_bundle"),
+        E::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
+        E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        E::Active(_) => (StatusCode::CONFLICT, "active"),
+        E::NoPrevious => (StatusCode::CONFLICT, "no_previous"),
+        E::Broken { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "broken_model"),
+        E::Store(_) => {
+            tracing::error!(error = %e, "the model store failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        }
+    };
+    ApiError::new(status, code, e.to_string())
+}
+
+/// Runs a model change off the async threads.
+async fn deploying<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::deploy::DeployError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(deploy_error)
+}
+
+/// Installed models, which one runs, and what `rollback` would go back to.
+#[utoipa::path(get, path = "/api/v1/models",
+    responses((status = 200, body = crate::deploy::ModelsView)))]
+async fn list_models(State(state): Shared) -> ApiResult<Json<crate::deploy::ModelsView>> {
+    let d = state.deployer.clone();
+    deploying(move || d.view()).await.map(Json)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct UploadQuery {
+    /// Run the bundle once it is installed (default true); false installs it for a later
+    /// `activate`.
+    activate: Option<bool>,
+}
+
+/// Uploads a model bundle (the body is the bundle file, as `weld-trainer bundle` writes it),
+/// checks it (signature against the trusted keys, ONNX sha256, classes and input, a load in the
+/// configured backend, the golden inputs' outputs), installs it and runs it. On any failure
+/// the running model stays and the answer says why.
+#[utoipa::path(post, path = "/api/v1/models", params(UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    security(("bearer" = [])),
+    responses((status = 201, body = crate::deploy::Installed, description = "installed"),
+        (status = 200, body = crate::deploy::Installed, description = "this bundle was installed already"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn upload_model(
+    State(state): Shared,
+    headers: HeaderMap,
+    q: Result<Query<UploadQuery>, QueryRejection>,
+    body: axum::body::Body,
+) -> ApiResult<Response> {
+    use tokio::io::AsyncWriteExt as _;
+    authorize(&state, &headers)?;
+    let Query(q) = q?;
+    let deployer = state.deployer.clone();
+    let max = deployer.max_bundle_bytes();
+    let upload = crate::deploy::UploadFile::new(deployer.models().upload_path());
+    let mut file = tokio::fs::File::create(upload.path())
+        .await
+        .map_err(ApiError::internal)?;
+    let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(format!(
+                "the upload broke off after {received} bytes: {e}; nothing was installed"
+            ))
+        })?;
+        received += chunk.len() as u64;
+        if received > max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the bundle is larger than deploy.max_bundle_bytes = {max}"),
+            ));
+        }
+        file.write_all(&chunk).await.map_err(ApiError::internal)?;
+    }
+    if received == 0 {
+        return Err(ApiError::bad_request(
+            "the body is empty; send the bundle file as the body",
+        ));
+    }
+    file.sync_all().await.map_err(ApiError::internal)?;
+    drop(file);
+    let path = upload.keep();
+    let installed = deploying(move || deployer.install(&path, q.activate.unwrap_or(true))).await?;
+    let status = if installed.new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(installed)).into_response())
+}
+
+/// Runs an installed version (checked again first); the running model stays if it fails.
+#[utoipa::path(post, path = "/api/v1/models/{version}/activate",
+    params(("version" = String, Path, description = "an installed version")),
+    security(("bearer" = [])),
+    responses((status = 200, body = crate::deploy::ModelsView), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn activate_model(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(version): Path<String>,
+) -> ApiResult<Json<crate::deploy::ModelsView>> {
+    authorize(&state, &headers)?;
+    let d = state.deployer.clone();
+    deploying(move || d.activate(&version)).await.map(Json)
+}
+
+/// Goes back to the model that ran before the running one (the configured model when no
+/// installed one did).
+#[utoipa::path(post, path = "/api/v1/models/rollback", security(("bearer" = [])),
+    responses((status = 200, body = crate::deploy::ModelsView), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn rollback_model(
+    State(state): Shared,
+    headers: HeaderMap,
+) -> ApiResult<Json<crate::deploy::ModelsView>> {
+    authorize(&state, &headers)?;
+    let d = state.deployer.clone();
+    deploying(move || d.rollback()).await.map(Json)
+}
+
+/// Removes an installed version that does not run.
+#[utoipa::path(delete, path = "/api/v1/models/{version}",
+    params(("version" = String, Path, description = "an installed version")),
+    security(("bearer" = [])),
+    responses((status = 200, body = crate::deploy::ModelsView), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_model(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(version): Path<String>,
+) -> ApiResult<Json<crate::deploy::ModelsView>> {
+    authorize(&state, &headers)?;
+    let d = state.deployer.clone();
+    deploying(move || d.delete(&version)).await.map(Json)
 }
 
 // ------------------------------------------------------------------ metrics

@@ -138,6 +138,8 @@ pub struct AppState {
     /// The detector of the running config, for `inspect`.
     pub detector: Detector,
     pub token: Option<Secret>,
+    /// Installs and switches models (the `models` routes).
+    pub deployer: Arc<crate::deploy::Deployer>,
     pub started: Instant,
     /// The config file as loaded (paths, no secrets), for `GET config`.
     pub config: serde_json::Value,

@@ -1,6 +1,7 @@
-//! The daemon's sled store: the results history, the captured uncertain frames and the MQTT
-//! outbox, in one sled database that [`Store::open`] owns; each part gets its own typed handle
-//! ([`Store::history`], [`Store::captures`], [`Store::outbox`]).
+//! The daemon's sled store: the results history, the captured uncertain frames, the MQTT
+//! outbox and the installed models, in one sled database that [`Store::open`] owns; each part
+//! gets its own typed handle ([`Store::history`], [`Store::captures`], [`Store::outbox`],
+//! [`Store::models`]).
 //!
 //! # Trees and record layouts
 //!
@@ -17,7 +18,8 @@
 //! | `history` | the result JSON of DESIGN.md (`serde_json` of [`weld_core::Inspection`]), as is |
 //! | `captures` | JSON metadata: the result, the frame's time, sequence, size, depth unit and intrinsics, and the PNG sizes (layout in `store/captures.rs`) |
 //! | `outbox` | key: a `u64` push sequence number, big-endian; value: the MQTT payload (rules in `store/outbox.rs`) |
-//! | default tree | `weld-edge.layout` = [`LAYOUT_VERSION`] as ASCII, checked on open |
+//! | `models` | key: a bundle's version; value: its [`InstalledModel`] JSON (rules in `store/models.rs`) |
+//! | default tree | `weld-edge.layout` = [`LAYOUT_VERSION`] as ASCII, checked on open; `weld-edge.active-model` = the [`Activation`] JSON |
 //!
 //! The captured images are files beside the database, not sled values:
 //! `DIR/captures/ID.png` (8-bit RGB) and `DIR/captures/ID.depth.png` (16-bit depth), the
@@ -64,6 +66,7 @@
 
 mod captures;
 mod history;
+mod models;
 mod outbox;
 
 use std::ops::Bound;
@@ -78,6 +81,7 @@ use uuid::Uuid;
 
 pub use captures::{Capture, CaptureConfig, CaptureMeta, Captures};
 pub use history::{History, HistoryConfig};
+pub use models::{Activation, InstalledModel, MODELS_DIR, MODELS_TREE, Models, check_version};
 pub use outbox::{Outbox, OutboxConfig, OutboxDepth};
 
 /// Version of the record layouts above; bumped when an old daemon could not read new records.
@@ -223,6 +227,14 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// An installed model's bundle file could not be written, moved or removed.
+    #[error("model file {}: {source}", path.display())]
+    ModelFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A frame could not be encoded as PNG.
     #[error("capture {id}: cannot encode the frame as PNG: {source}")]
     Png {
@@ -252,6 +264,7 @@ pub struct Store {
     history: History,
     captures: Captures,
     outbox: Outbox,
+    models: Models,
 }
 
 impl Store {
@@ -285,12 +298,18 @@ impl Store {
             &config.captures,
         )?;
         let outbox = Outbox::open(db.open_tree(OUTBOX_TREE).map_err(open_err)?, &config.outbox)?;
+        let models = Models::open(
+            &db,
+            db.open_tree(MODELS_TREE).map_err(open_err)?,
+            &dir.join(MODELS_DIR),
+        )?;
         Ok(Store {
             db,
             dir: dir.to_path_buf(),
             history,
             captures,
             outbox,
+            models,
         })
     }
 
@@ -307,6 +326,11 @@ impl Store {
     /// The MQTT outbox.
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
+    }
+
+    /// The installed model bundles and which one runs.
+    pub fn models(&self) -> &Models {
+        &self.models
     }
 
     /// The data directory this store was opened in.
