@@ -212,6 +212,9 @@ impl ModelSection {
 pub struct StoreSection {
     /// Data directory (created if missing).
     pub dir: PathBuf,
+    /// sled's page cache in MiB, 1..=1024. Default 16. Resident memory grows by about this
+    /// much (and sled's overhead on it) over the first minutes, as results fill it.
+    pub cache_mib: u64,
     /// Results history retention.
     pub history: HistoryConfig,
     /// Uncertain frames kept for retraining.
@@ -224,6 +227,7 @@ impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             dir: PathBuf::from("weld-edge-data"),
+            cache_mib: crate::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
             history: HistoryConfig::default(),
             captures: CaptureConfig::default(),
             outbox: OutboxConfig::default(),
@@ -363,6 +367,7 @@ impl ConfigFile {
             problems.push("store.dir is empty".into());
         }
         let store = StoreConfig {
+            cache_bytes: self.store.cache_mib.saturating_mul(1024 * 1024),
             history: self.store.history,
             captures: self.store.captures,
             outbox: self.store.outbox,

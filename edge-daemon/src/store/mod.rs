@@ -104,18 +104,26 @@ pub const CAPTURES_DIR: &str = "captures";
 /// Tree name of the MQTT outbox.
 pub const OUTBOX_TREE: &str = "outbox";
 
-/// sled's page cache in bytes. sled's default is 1 GiB, too much for an edge board with a few GB
-/// of RAM, and the whole daemon aims at 80 MB resident; 16 MiB holds the hot end of the
-/// history (the newest results are the ones read back) and the capture metadata.
-const CACHE_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
+/// sled's page cache by default, in bytes (`[store] cache_mib`). sled's own default is 1 GiB,
+/// too much for an edge board with a few GB of RAM, and the whole daemon aims at 80 MB
+/// resident. sled counts the bytes of the records it holds, and every record written stays in
+/// its cache until the cache is full, so this is memory the daemon grows into over its first
+/// minutes (docs/PERFORMANCE.md, "Memory").
+pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Accepted cache sizes (`store.cache_mib` 1..=1024).
+const CACHE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024 * 1024..=1024 * 1024 * 1024;
 
 /// Key in the default tree that records [`LAYOUT_VERSION`].
 const LAYOUT_KEY: &[u8] = b"weld-edge.layout";
 
-/// Retention limits of the whole store: `[store.history]` and `[store.captures]` in the config.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Limits of the whole store: sled's cache, `[store.history]`, `[store.captures]` and
+/// `[store.outbox]` in the config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// sled's page cache in bytes (`store.cache_mib` in the config).
+    pub cache_bytes: u64,
     /// Results history retention.
     pub history: HistoryConfig,
     /// Captured (uncertain) frames retention.
@@ -124,11 +132,32 @@ pub struct StoreConfig {
     pub outbox: OutboxConfig,
 }
 
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            history: HistoryConfig::default(),
+            captures: CaptureConfig::default(),
+            outbox: OutboxConfig::default(),
+        }
+    }
+}
+
 impl StoreConfig {
     /// Every invalid value, each naming its key (`store.history.max_results`, ...); empty when
     /// valid.
     pub fn problems(&self) -> Vec<String> {
-        let mut out = self.history.problems();
+        let mut out = Vec::new();
+        let mib = |b: u64| b / (1024 * 1024);
+        if !CACHE_BYTES_RANGE.contains(&self.cache_bytes) {
+            out.push(format!(
+                "store.cache_mib = {}: must be {}..={}",
+                mib(self.cache_bytes),
+                mib(*CACHE_BYTES_RANGE.start()),
+                mib(*CACHE_BYTES_RANGE.end())
+            ));
+        }
+        out.extend(self.history.problems());
         out.extend(self.captures.problems());
         out.extend(self.outbox.problems());
         out
@@ -281,7 +310,7 @@ impl Store {
         let open_err = |source: sled::Error| open_error(dir, source);
         let sled_config = sled::Config::new()
             .path(dir)
-            .cache_capacity(CACHE_CAPACITY_BYTES)
+            .cache_capacity(config.cache_bytes)
             .flush_every_ms(Some(FLUSH_EVERY_MS));
         // sled makes its metrics on the first open; see `malloc::with_large_blocks_mapped`.
         let db = crate::malloc::with_large_blocks_mapped(|| {
@@ -706,7 +735,12 @@ mod tests {
         assert!(c.problems().is_empty(), "{:?}", c.problems());
         c.history.max_results = 0;
         c.captures.max_bytes = 1;
+        c.cache_bytes = 2048 * 1024 * 1024;
         let p = c.problems().join("\n");
+        assert!(
+            p.contains("store.cache_mib = 2048: must be 1..=1024"),
+            "{p}"
+        );
         assert!(p.contains("store.history.max_results"), "{p}");
         assert!(p.contains("store.captures.max_bytes"), "{p}");
     }
