@@ -66,6 +66,47 @@ pub enum Command {
         #[command(flatten)]
         create: Option<BundleArgs>,
     },
+    /// Push a signed bundle to the devices of a fleet file, many at a time: each device checks
+    /// it (signature, hashes, golden outputs) before it runs it. Prints one line per device;
+    /// exit code 1 when any device did not take it.
+    Push(PushArgs),
+    /// The devices of a fleet file.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// The bundle (`weld-trainer bundle` writes it).
+    pub bundle: PathBuf,
+    /// The fleet file: `[[device]]` entries with `name`, `url` and a token (README "Fleet").
+    #[arg(long)]
+    pub devices: PathBuf,
+    /// Install only; run it later with the device's `models/{version}/activate`.
+    #[arg(long)]
+    pub no_activate: bool,
+    /// Devices pushed to at the same time (1..=64).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Push to the first device alone, watch it this many seconds, and push to the rest only
+    /// if it still runs the bundle and decided frames meanwhile.
+    #[arg(long, value_name = "SECONDS")]
+    pub canary: Option<u64>,
+    /// Also write the per-device report as JSON here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// State, running model, installed models, camera and frame rate of every device.
+    Status {
+        #[arg(long)]
+        devices: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -678,6 +719,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "`bundle` needs --onnx, --key, --name, --version and --out (and --classes when the \
                  ONNX has no model card beside it), or `bundle verify`"
             )
+        }
+        Command::Push(a) => crate::fleet_cmd::push(&a),
+        Command::Devices(DevicesCommand::Status { devices, json }) => {
+            crate::fleet_cmd::status(&devices, json)
         }
         Command::Dataset(DatasetCommand::Preview {
             dir,

@@ -10,6 +10,8 @@ pub mod cli;
 pub mod data;
 pub mod datasets;
 pub mod eval;
+pub mod fleet;
+pub mod fleet_cmd;
 pub mod label;
 pub mod onnx;
 pub mod quantize;
