@@ -201,7 +201,14 @@ pub async fn run(
     let source = pipeline::open_source(&cfg.source, &shared)?;
     let mqtt = cfg.mqtt.clone().map(|m| {
         let m = with_embedded_broker(m);
-        mqtt::spawn(m, outbox, shared.clone(), settings.identity.clone(), wake)
+        mqtt::spawn(
+            m,
+            outbox,
+            shared.clone(),
+            settings.identity.clone(),
+            wake,
+            Some(deployer.clone()),
+        )
     });
     let http = match &cfg.http {
         Some(h) => {

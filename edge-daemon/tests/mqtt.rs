@@ -1187,3 +1187,130 @@ fn username_and_password_from_a_file_are_used_and_a_wrong_one_is_reported() {
     assert!(d.running(), "the daemon stopped on a refused login");
     d.stop();
 }
+
+/// Serves `files` (path -> body) over HTTP/1.1 on a free loopback port, one request per
+/// connection, for `deploy` commands to fetch; 404 for anything else. Ends with the test.
+fn serve_files(files: Vec<(String, Vec<u8>)>) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            // The rest of the head.
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let head = |status: &str, len: usize| {
+                format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+            };
+            match files.iter().find(|(p, _)| p == path) {
+                Some((_, body)) => {
+                    let _ = stream.write_all(head("200 OK", body.len()).as_bytes());
+                    let _ = stream.write_all(body);
+                }
+                None => {
+                    let _ = stream.write_all(head("404 Not Found", 0).as_bytes());
+                }
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_deploy_command_fetches_checks_and_runs_the_bundle() {
+    const KEY: [u8; 32] = [31; 32];
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&tmp.path().join("broker"));
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let good = common::signed_builtin("mqtt-v1", KEY, |_, _, _| {});
+    let untrusted = common::signed_builtin("mqtt-v2", [32; 32], |_, _, _| {});
+    let sha = |b: &[u8]| weld_core::bundle::sha256_hex(b);
+    let (good_sha, untrusted_sha) = (sha(&good), sha(&untrusted));
+    let files = serve_files(vec![
+        ("/good.bundle".into(), good),
+        ("/untrusted.bundle".into(), untrusted),
+    ]);
+    let device = "deploy-01";
+    let cfg = config(
+        tmp.path(),
+        device,
+        &format!(
+            "[mqtt]\nhost = \"127.0.0.1\"\nport = {}\n[mqtt.commands]\ntoken_file = \"{}\"\n\
+             [model]\nbuiltin = true\n[deploy]\ntrusted_keys = [\"{}\"]\n",
+            broker.port,
+            token_file.display(),
+            common::public_hex(KEY)
+        ),
+    );
+    let sub = Sub::connect(
+        broker.port,
+        "test-deploy",
+        &[
+            &format!("{}/cmd/deploy/reply", prefix(device)),
+            &format!("{}/result", prefix(device)),
+        ],
+    );
+    let mut d = Daemon::start(device, &cfg);
+    sub.wait("a first result", Duration::from_secs(20), |m| {
+        m.topic.ends_with("/result")
+    });
+    let topic = format!("{}/cmd/deploy", prefix(device));
+    let deploy = |path: &str, sha256: &str, id: &str| -> CommandReply {
+        sub.publish(
+            &topic,
+            &format!(
+                r#"{{"token":"{TOKEN}","url":"http://127.0.0.1:{files}{path}","sha256":"{sha256}","request_id":"{id}"}}"#
+            ),
+        );
+        sub.wait(
+            &format!("the reply to {id}"),
+            Duration::from_secs(30),
+            |m| {
+                m.topic.ends_with("/cmd/deploy/reply")
+                    && m.json::<CommandReply>().request_id.as_deref() == Some(id)
+            },
+        )
+        .json()
+    };
+
+    let r = deploy("/good.bundle", &untrusted_sha, "wrong-sha");
+    assert_eq!(r.error.as_deref(), Some("sha256_mismatch"), "{r:?}");
+    let r = deploy("/missing.bundle", &good_sha, "missing");
+    assert_eq!(r.error.as_deref(), Some("fetch_failed"), "{r:?}");
+    assert!(r.detail.as_deref().unwrap_or("").contains("404"), "{r:?}");
+    let r = deploy("/untrusted.bundle", &untrusted_sha, "untrusted");
+    assert_eq!(r.error.as_deref(), Some("invalid_bundle"), "{r:?}");
+    assert!(
+        r.detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("does not verify with any trusted key"),
+        "{r:?}"
+    );
+
+    let r = deploy("/good.bundle", &good_sha, "good");
+    assert!(r.ok, "{r:?}\n{}", d.log());
+    let result = r.result.unwrap();
+    assert_eq!(result["model"]["version"], "mqtt-v1", "{result}");
+    assert_eq!(result["active"], true, "{result}");
+    // Frames the model decides now carry its version.
+    sub.wait(
+        "a result decided with the pushed model",
+        Duration::from_secs(30),
+        |m| {
+            m.topic.ends_with("/result")
+                && m.json::<serde_json::Value>()["model"]["version"] == "mqtt-v1"
+        },
+    );
+    d.stop();
+}

@@ -206,7 +206,14 @@ pub async fn run(
         device: "bench".into(),
         line: "L0".into(),
     };
-    let client = super::spawn(settings, outbox.clone(), shared, identity, wake.clone());
+    let client = super::spawn(
+        settings,
+        outbox.clone(),
+        shared,
+        identity,
+        wake.clone(),
+        None,
+    );
 
     let mut result = sample_result()?;
     let payload_bytes = serde_json::to_vec(&result)

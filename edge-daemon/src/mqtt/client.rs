@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
-use weld_core::messages::DeviceState;
+use weld_core::messages::{CommandReply, DeviceState};
 
 use super::commands;
 use super::config::{BrokerAddr, MqttSettings};
@@ -89,8 +89,10 @@ pub fn spawn(
     shared: Arc<Shared>,
     identity: Identity,
     wake: Arc<Notify>,
+    deployer: Option<Arc<crate::deploy::Deployer>>,
 ) -> MqttClient {
     let link = Arc::new(Link::default());
+    let (replies_tx, replies) = mpsc::channel(16);
     let (stop, stop_rx) = watch::channel(false);
     let ctx = Ctx {
         ledger: Ledger::new(usize::from(settings.inflight)),
@@ -101,8 +103,10 @@ pub fn spawn(
         wake,
         link: link.clone(),
         started: Instant::now(),
+        deployer,
+        replies_tx,
     };
-    let task = tokio::spawn(ctx.run(stop_rx));
+    let task = tokio::spawn(ctx.run(stop_rx, replies));
     MqttClient { link, stop, task }
 }
 
@@ -158,6 +162,10 @@ struct Ctx {
     link: Arc<Link>,
     ledger: Ledger,
     started: Instant,
+    /// Runs `deploy` commands; `None` in a process that installs no models (`bench-mqtt`).
+    deployer: Option<Arc<crate::deploy::Deployer>>,
+    /// Replies of commands that ran off this task (`deploy`), to publish from it.
+    replies_tx: mpsc::Sender<CommandReply>,
 }
 
 /// Per-connection state of the decision task.
@@ -171,7 +179,11 @@ struct Conn {
 }
 
 impl Ctx {
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        mut replies: mpsc::Receiver<CommandReply>,
+    ) {
         let options = options(&self.settings, self.will());
         let cap = usize::from(self.settings.inflight) + 64;
         let (client, eventloop) = AsyncClient::new(options, cap);
@@ -210,6 +222,7 @@ impl Ctx {
                     None => break,
                 },
                 () = wake.notified(), if conn.connected => self.pump(&client).await,
+                Some(reply) = replies.recv() => self.publish_reply(&client, &reply),
                 _ = stats_tick.tick(), if conn.connected => self.publish_stats(&client, &mut conn),
                 _ = status_tick.tick(), if conn.connected => self.publish_status(&client, &mut conn, false),
                 _ = stop.changed() => break,
@@ -420,7 +433,7 @@ impl Ctx {
         let Some(name) = self.settings.topics.command_name(&p.topic) else {
             return;
         };
-        let Some(reply) = commands::handle(
+        let Some(handled) = commands::handle(
             name,
             &p.payload,
             p.retain,
@@ -441,11 +454,35 @@ impl Ctx {
                 self.ledger.handed(Sent::Other);
             }
         }
-        match serde_json::to_vec(&reply) {
+        match handled {
+            commands::Handled::Reply(reply) => self.publish_reply(client, &reply),
+            commands::Handled::Deploy(job) => {
+                let Some(deployer) = self.deployer.clone() else {
+                    let reply = commands::not_installing(job);
+                    self.publish_reply(client, &reply);
+                    return;
+                };
+                tracing::info!(url = %job.url, "deploy command: fetching the bundle");
+                let tx = self.replies_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reply = commands::deploy(job, &deployer);
+                    if tx.blocking_send(reply).is_err() {
+                        tracing::warn!(
+                            "the deploy command finished after MQTT stopped; no reply sent"
+                        );
+                    }
+                });
+            }
+        }
+    }
+
+    /// Publishes a command's reply on `…/cmd/<name>/reply`.
+    fn publish_reply(&mut self, client: &AsyncClient, reply: &CommandReply) {
+        match serde_json::to_vec(reply) {
             Ok(json) => {
                 if client
                     .try_publish(
-                        self.settings.topics.reply(name),
+                        self.settings.topics.reply(&reply.command),
                         QoS::AtLeastOnce,
                         false,
                         json,

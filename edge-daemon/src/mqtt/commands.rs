@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | `capture` | `frames`: 1..=10000 | keep the next N frames in the capture store, whatever their result |
 //! | `thresholds` | `rules_confident_at`, `model_confident_at`: (0, 1], at least one | swap the hybrid thresholds (until restart; the config file keeps them for good) |
-//! | `deploy` | `url`, `sha256` | install a model bundle (not in this build: refused, the model stays) |
+//! | `deploy` | `url` (`http://`), `sha256` (of the bundle file) | fetch the bundle, check its sha256, install and run it as `POST /api/v1/models` does; the reply comes when the device has decided (a refusal says why, and the model stays) |
 //!
 //! Every failure is an error reply and changes nothing: a retained command (it would run again
 //! on every reconnect), a payload that is not a JSON object, a missing or wrong token (or no
@@ -59,6 +59,30 @@ struct Deploy {
 /// A failed command: the reply's `error` code and `detail`.
 struct Refusal(&'static str, String);
 
+/// What a command message asks for once it is parsed and authorised.
+#[derive(Debug)]
+pub enum Handled {
+    /// Done (or refused): publish this reply.
+    Reply(CommandReply),
+    /// A bundle to fetch and install, which takes seconds: run [`deploy`] off the MQTT task and
+    /// publish its reply.
+    Deploy(DeployJob),
+}
+
+/// A checked `deploy` command.
+#[derive(Debug, Clone)]
+pub struct DeployJob {
+    pub request_id: Option<String>,
+    pub url: String,
+    pub sha256: String,
+}
+
+/// What `run` decided.
+enum Action {
+    Done(Value),
+    Deploy { url: String, sha256: String },
+}
+
 /// Handles one message on a command topic; `None` when there is nothing to answer (an empty
 /// payload). `token` is the configured command token.
 pub fn handle(
@@ -67,12 +91,24 @@ pub fn handle(
     retained: bool,
     token: Option<&Secret>,
     shared: &Shared,
-) -> Option<CommandReply> {
+) -> Option<Handled> {
     if payload.is_empty() {
         return None;
     }
     let mut request_id = None;
     let outcome = run(name, payload, retained, token, shared, &mut request_id);
+    Some(match outcome {
+        Ok(Action::Deploy { url, sha256 }) => Handled::Deploy(DeployJob {
+            request_id,
+            url,
+            sha256,
+        }),
+        Ok(Action::Done(v)) => Handled::Reply(reply(name, request_id, Ok(v))),
+        Err(r) => Handled::Reply(reply(name, request_id, Err(r))),
+    })
+}
+
+fn reply(name: &str, request_id: Option<String>, outcome: Result<Value, Refusal>) -> CommandReply {
     let (ok, result, error, detail) = match outcome {
         Ok(result) => (true, Some(result), None, None),
         Err(Refusal(code, detail)) => {
@@ -80,7 +116,7 @@ pub fn handle(
             (false, None, Some(code.to_string()), Some(detail))
         }
     };
-    Some(CommandReply {
+    CommandReply {
         v: MESSAGE_VERSION,
         command: name.to_string(),
         request_id,
@@ -88,7 +124,77 @@ pub fn handle(
         result,
         error,
         detail,
-    })
+    }
+}
+
+/// How long fetching a bundle may take.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Fetches the bundle of `job`, checks its sha256 and installs and runs it (blocking: seconds).
+pub fn deploy(job: DeployJob, deployer: &crate::deploy::Deployer) -> CommandReply {
+    let outcome = fetch_and_install(&job, deployer);
+    reply("deploy", job.request_id, outcome)
+}
+
+/// The reply to a `deploy` in a process that installs no models.
+pub fn not_installing(job: DeployJob) -> CommandReply {
+    reply(
+        "deploy",
+        job.request_id,
+        Err(Refusal(
+            "unsupported",
+            "this process installs no models; the current model stays".into(),
+        )),
+    )
+}
+
+fn fetch_and_install(
+    job: &DeployJob,
+    deployer: &crate::deploy::Deployer,
+) -> Result<Value, Refusal> {
+    let upload = crate::deploy::UploadFile::new(deployer.models().upload_path());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(FETCH_TIMEOUT))
+        .build()
+        .into();
+    let max = deployer.max_bundle_bytes();
+    let fetch_err =
+        |e: &dyn std::fmt::Display| Refusal("fetch_failed", format!("{}: {e}", job.url));
+    let mut response = agent.get(&job.url).call().map_err(|e| fetch_err(&e))?;
+    let bytes = response
+        .body_mut()
+        .with_config()
+        .limit(max)
+        .read_to_vec()
+        .map_err(|e| {
+            fetch_err(&format!(
+                "{e} (at most deploy.max_bundle_bytes = {max} bytes)"
+            ))
+        })?;
+    let sha = weld_core::bundle::sha256_hex(&bytes);
+    if !sha.eq_ignore_ascii_case(&job.sha256) {
+        return Err(Refusal(
+            "sha256_mismatch",
+            format!(
+                "{} has sha256 {sha}, the command says {}; nothing was installed",
+                job.url, job.sha256
+            ),
+        ));
+    }
+    std::fs::write(upload.path(), &bytes)
+        .map_err(|e| Refusal("internal", format!("cannot store the bundle: {e}")))?;
+    drop(bytes);
+    let path = upload.keep();
+    let installed = deployer.install(&path, true).map_err(|e| {
+        let code = match &e {
+            crate::deploy::DeployError::Busy => "busy",
+            crate::deploy::DeployError::Conflict { .. } => "version_conflict",
+            crate::deploy::DeployError::NoTrustedKeys => "no_trusted_keys",
+            _ => "invalid_bundle",
+        };
+        Refusal(code, e.to_string())
+    })?;
+    serde_json::to_value(&installed).map_err(|e| Refusal("internal", e.to_string()))
 }
 
 fn run(
@@ -98,7 +204,7 @@ fn run(
     token: Option<&Secret>,
     shared: &Shared,
     request_id: &mut Option<String>,
-) -> Result<Value, Refusal> {
+) -> Result<Action, Refusal> {
     if retained {
         return Err(Refusal(
             "retained",
@@ -148,7 +254,7 @@ fn run(
                 frames = c.frames,
                 "capture command: keeping the next frames"
             );
-            Ok(json!({ "frames_pending": before + c.frames }))
+            Ok(Action::Done(json!({ "frames_pending": before + c.frames })))
         }
         "thresholds" => {
             let t: SetThresholds = params(fields)?;
@@ -160,18 +266,29 @@ fn run(
             )
             .map_err(|e| Refusal("invalid", e))?;
             tracing::info!(?thresholds, "thresholds command: policy thresholds changed");
-            Ok(json!({
+            Ok(Action::Done(json!({
                 "rules_confident_at": thresholds.rules_confident_at,
                 "model_confident_at": thresholds.model_confident_at,
                 "persisted": false,
-            }))
+            })))
         }
         "deploy" => {
             let d: Deploy = params(fields)?;
-            if !(d.url.starts_with("https://") || d.url.starts_with("http://")) {
+            if d.url.starts_with("https://") {
                 return Err(Refusal(
                     "invalid",
-                    format!("url {:?}: must be http(s)", d.url),
+                    format!(
+                        "url {:?}: this build fetches bundles over http:// only (the device \
+                         trusts the sha256 and the bundle's signature, not the transport); \
+                         or upload it with POST /api/v1/models",
+                        d.url
+                    ),
+                ));
+            }
+            if !d.url.starts_with("http://") {
+                return Err(Refusal(
+                    "invalid",
+                    format!("url {:?}: must be an http:// URL", d.url),
                 ));
             }
             if d.sha256.len() != 64 || !d.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -180,11 +297,10 @@ fn run(
                     "sha256 must be 64 hexadecimal characters".into(),
                 ));
             }
-            Err(Refusal(
-                "unsupported",
-                "this weld-edge build cannot install model bundles yet; the current model stays"
-                    .into(),
-            ))
+            Ok(Action::Deploy {
+                url: d.url,
+                sha256: d.sha256.to_ascii_lowercase(),
+            })
         }
         other => Err(Refusal(
             "unknown_command",
@@ -239,14 +355,17 @@ mod tests {
     }
 
     fn send(sh: &Shared, name: &str, payload: &str) -> CommandReply {
-        handle(
+        match handle(
             name,
             payload.as_bytes(),
             false,
             Some(&Secret::new(TOKEN)),
             sh,
-        )
-        .unwrap()
+        ) {
+            Some(Handled::Reply(r)) => r,
+            Some(Handled::Deploy(job)) => panic!("a deploy job where a reply was due: {job:?}"),
+            None => panic!("no reply"),
+        }
     }
 
     #[test]
@@ -357,7 +476,11 @@ mod tests {
             ),
         ];
         for (name, payload, retained, token, code) in cases {
-            let r = handle(name, payload.as_bytes(), retained, token.as_ref(), &sh).unwrap();
+            let Some(Handled::Reply(r)) =
+                handle(name, payload.as_bytes(), retained, token.as_ref(), &sh)
+            else {
+                panic!("{name} {payload}: no reply");
+            };
             assert!(!r.ok);
             assert_eq!(r.error.as_deref(), Some(code), "{name} {payload}: {r:?}");
             assert!(r.detail.is_some());
@@ -373,23 +496,41 @@ mod tests {
     }
 
     #[test]
-    fn deploy_is_validated_then_refused_and_empty_payloads_are_ignored() {
+    fn deploy_is_validated_then_handed_on_and_empty_payloads_are_ignored() {
         let sh = shared();
+        for url in ["ftp://x", "https://models.local/m.tar"] {
+            let r = send(
+                &sh,
+                "deploy",
+                &format!(
+                    r#"{{"token":"{TOKEN}","url":"{url}","sha256":"{}"}}"#,
+                    "a".repeat(64)
+                ),
+            );
+            assert_eq!(r.error.as_deref(), Some("invalid"), "{url}: {r:?}");
+        }
         let r = send(
             &sh,
             "deploy",
-            &format!(r#"{{"token":"{TOKEN}","url":"ftp://x","sha256":"00"}}"#),
+            &format!(r#"{{"token":"{TOKEN}","url":"http://x/m.tar","sha256":"00"}}"#),
         );
         assert_eq!(r.error.as_deref(), Some("invalid"));
-        let r = send(
-            &sh,
-            "deploy",
-            &format!(
-                r#"{{"token":"{TOKEN}","url":"https://models.local/m.tar","sha256":"{}"}}"#,
-                "a".repeat(64)
-            ),
+        let payload = format!(
+            r#"{{"token":"{TOKEN}","url":"http://models.local/m.tar","sha256":"{}","request_id":"d1"}}"#,
+            "A".repeat(64)
         );
-        assert_eq!(r.error.as_deref(), Some("unsupported"), "{r:?}");
+        let Some(Handled::Deploy(job)) = handle(
+            "deploy",
+            payload.as_bytes(),
+            false,
+            Some(&Secret::new(TOKEN)),
+            &sh,
+        ) else {
+            panic!("a checked deploy is handed on");
+        };
+        assert_eq!(job.url, "http://models.local/m.tar");
+        assert_eq!(job.sha256, "a".repeat(64));
+        assert_eq!(job.request_id.as_deref(), Some("d1"));
         assert!(handle("capture", b"", false, Some(&Secret::new(TOKEN)), &sh).is_none());
     }
 }

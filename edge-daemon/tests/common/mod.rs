@@ -49,3 +49,35 @@ pub fn models_dir() -> PathBuf {
     );
     dir
 }
+
+/// The built-in model's bundle as read (its ONNX, manifest and golden inputs), to re-sign.
+pub fn builtin_bundle() -> weld_core::bundle::Bundle {
+    weld_core::bundle::Bundle::from_reader(weld_edge::model::BUILTIN_BUNDLE).unwrap()
+}
+
+/// The built-in model re-signed as `version` with the ed25519 key of seed `key`, after `tweak`
+/// edits the manifest, the ONNX and the golden inputs; the bundle file's bytes.
+pub fn signed_builtin(
+    version: &str,
+    key: [u8; 32],
+    tweak: impl FnOnce(&mut weld_core::manifest::ModelManifest, &mut Vec<u8>, &mut Option<Vec<u8>>),
+) -> Vec<u8> {
+    let b = builtin_bundle();
+    let (mut manifest, mut onnx, mut golden) = (b.manifest, b.onnx, b.golden);
+    manifest.version = version.into();
+    tweak(&mut manifest, &mut onnx, &mut golden);
+    let key = ed25519_dalek::SigningKey::from_bytes(&key);
+    weld_core::bundle::Bundle::sign(manifest, onnx, golden, &key)
+        .unwrap()
+        .to_tar()
+        .unwrap()
+}
+
+/// The public key of seed `key`, as the 64 hex digits a config's `trusted_keys` takes.
+pub fn public_hex(key: [u8; 32]) -> String {
+    hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&key)
+            .verifying_key()
+            .as_bytes(),
+    )
+}
