@@ -212,7 +212,7 @@ impl ModelSection {
 pub struct StoreSection {
     /// Data directory (created if missing).
     pub dir: PathBuf,
-    /// sled's page cache in MiB, 1..=1024. Default 16. Resident memory grows by about this
+    /// sled's page cache in MiB, 1..=1024. Default 4. Resident memory grows by about this
     /// much (and sled's overhead on it) over the first minutes, as results fill it.
     pub cache_mib: u64,
     /// Results history retention.
