@@ -486,6 +486,17 @@ pub enum DatasetCommand {
     /// Split the labelled frames into train/validation/test, stratified by class and keeping
     /// each group (weld run) on one side; writes a split file tied to the dataset's version.
     Split(SplitArgs),
+    /// Copy the frames the devices of a fleet file captured (those they were unsure of, and
+    /// those they were asked to keep) into the dataset's unlabeled/, for labelling; frames
+    /// pulled before are not fetched again.
+    Pull {
+        /// The fleet file (README "A fleet").
+        #[arg(long)]
+        devices: PathBuf,
+        /// The dataset folder (holding dataset.toml).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Count frames per class and list every problem found (exit code 1 when there are any).
     Stats {
         /// The dataset folder (holding dataset.toml).
@@ -721,6 +732,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             )
         }
         Command::Push(a) => crate::fleet_cmd::push(&a),
+        Command::Dataset(DatasetCommand::Pull { devices, out }) => {
+            crate::fleet_cmd::pull(&devices, &out)
+        }
         Command::Devices(DevicesCommand::Status { devices, json }) => {
             crate::fleet_cmd::status(&devices, json)
         }

@@ -1,5 +1,6 @@
 //! The devices of a plant (`--devices fleet.toml`) and what the trainer does to them over their
-//! HTTP API: `push` a bundle to many at once (optionally a canary first) and `devices status`.
+//! HTTP API: `push` a bundle to many at once (optionally a canary first), `devices status`,
+//! and `dataset pull` of the frames they captured.
 //!
 //! ```toml
 //! [defaults]
@@ -228,6 +229,32 @@ fn answer(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<An
 impl Device {
     fn get(&self, agent: &ureq::Agent, path: &str) -> Result<serde_json::Value, String> {
         answer(agent.get(format!("{}{path}", self.url)).call())?.json()
+    }
+
+    /// A call that needs the token, answered with bytes (PNG) or JSON.
+    fn get_auth_bytes(&self, agent: &ureq::Agent, path: &str) -> Result<Vec<u8>, String> {
+        let mut r = agent
+            .get(format!("{}{path}", self.url))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|e| format!("no answer: {e}"))?;
+        let status = r.status().as_u16();
+        let body = r
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_vec()
+            .map_err(|e| format!("HTTP {status}: the answer broke off: {e}"))?;
+        if (200..300).contains(&status) {
+            Ok(body)
+        } else {
+            Answer {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            }
+            .json()
+            .map(|_| Vec::new())
+        }
     }
 
     fn upload(
@@ -508,6 +535,106 @@ pub fn status(fleet: &Fleet) -> Vec<DeviceStatus> {
             },
         })
         .collect()
+}
+
+/// What `dataset pull` got from one device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PullReport {
+    pub device: String,
+    /// Frames written into `unlabeled/`.
+    pub new: usize,
+    /// Frames already there from an earlier pull.
+    pub skipped: usize,
+    /// Why the device's captures could not be read (all or the rest of them).
+    pub error: Option<String>,
+}
+
+/// Copies every device's captured frames (`GET /api/v1/captures`, the frames the device was
+/// unsure of or was asked to keep) into `unlabeled` as `DEVICE-ID.png` and `DEVICE-ID.depth.png`
+/// (the dataset format), each file written whole or not at all; frames already there are not
+/// fetched again.
+/// A frame whose depth unit differs from `depth_unit_mm` (the dataset's) is not copied: its
+/// heights would read wrong; the report says so.
+pub fn pull(fleet: &Fleet, unlabeled: &Path, depth_unit_mm: Option<f32>) -> Vec<PullReport> {
+    let agent = fleet.agent();
+    let one = |d: &Device| {
+        let mut report = PullReport {
+            device: d.name.clone(),
+            new: 0,
+            skipped: 0,
+            error: None,
+        };
+        if let Err(e) = pull_device(&agent, d, unlabeled, depth_unit_mm, &mut report) {
+            report.error = Some(e);
+        }
+        report
+    };
+    map_bounded(&fleet.devices, 8, one)
+}
+
+fn pull_device(
+    agent: &ureq::Agent,
+    d: &Device,
+    unlabeled: &Path,
+    depth_unit_mm: Option<f32>,
+    report: &mut PullReport,
+) -> Result<(), String> {
+    let mut after: Option<String> = None;
+    loop {
+        let query = match &after {
+            Some(id) => format!("/api/v1/captures?limit=1000&after={id}"),
+            None => "/api/v1/captures?limit=1000".to_string(),
+        };
+        let page: Vec<serde_json::Value> =
+            serde_json::from_slice(&d.get_auth_bytes(agent, &query)?)
+                .map_err(|e| format!("the capture list is not JSON: {e}"))?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = last["id"].as_str().map(String::from);
+        for c in &page {
+            let id = c["id"]
+                .as_str()
+                .filter(|id| uuid_like(id))
+                .ok_or_else(|| format!("a capture without a valid id: {c}"))?;
+            let stem = format!("{}-{id}", d.name);
+            let rgb = unlabeled.join(format!("{stem}.png"));
+            if rgb.is_file() {
+                report.skipped += 1;
+                continue;
+            }
+            // Depth first: the RGB file is what marks a frame as there.
+            if c["has_depth"] == true {
+                let unit = c["depth_unit_mm"].as_f64().map(|u| u as f32);
+                let fits = matches!((unit, depth_unit_mm), (Some(a), Some(b)) if (a - b).abs() <= b * 1e-4);
+                if !fits {
+                    return Err(format!(
+                        "capture {id} has depth in units of {} mm, the dataset's depth_unit_mm is \
+                         {}; pull into a dataset made for this camera",
+                        unit.map_or("?".into(), |u| u.to_string()),
+                        depth_unit_mm.map_or("not set".into(), |u| u.to_string())
+                    ));
+                }
+                let depth =
+                    d.get_auth_bytes(agent, &format!("/api/v1/captures/{id}?part=depth"))?;
+                let path = unlabeled.join(format!("{stem}{}", weld_core::frame::DEPTH_SUFFIX));
+                weld_core::fsutil::write_atomic(&path, &depth)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            let bytes = d.get_auth_bytes(agent, &format!("/api/v1/captures/{id}?part=rgb"))?;
+            weld_core::fsutil::write_atomic(&rgb, &bytes)
+                .map_err(|e| format!("{}: {e}", rgb.display()))?;
+            report.new += 1;
+        }
+        if after.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+/// Hex digits and dashes only: an id that is safe in a file name and a URL.
+fn uuid_like(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
 /// `f` over `items` on at most `concurrency` threads, results in the order of `items`.

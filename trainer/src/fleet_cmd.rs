@@ -127,6 +127,40 @@ pub fn status(devices: &Path, json: bool) -> Result<ExitCode> {
     })
 }
 
+/// `weld-trainer dataset pull --devices FLEET --out DATASET`.
+pub fn pull(devices: &Path, dataset: &Path) -> Result<ExitCode> {
+    let fleet = Fleet::load(devices)?;
+    // Only into a dataset: the frames must land where `label` and training look for them.
+    let spec = weld_core::dataset::DatasetSpec::load(dataset)
+        .with_context(|| format!("{} is not a dataset", dataset.display()))?;
+    let unlabeled = dataset.join(weld_core::dataset::UNLABELED);
+    std::fs::create_dir_all(&unlabeled)
+        .with_context(|| format!("creating {}", unlabeled.display()))?;
+    let reports = fleet::pull(&fleet, &unlabeled, spec.depth_unit_mm);
+    let mut failed = 0;
+    for r in &reports {
+        println!(
+            "{:<20} {:>5} new {:>5} already there  {}",
+            r.device,
+            r.new,
+            r.skipped,
+            r.error.as_deref().unwrap_or("")
+        );
+        failed += usize::from(r.error.is_some());
+    }
+    let new: usize = reports.iter().map(|r| r.new).sum();
+    println!(
+        "{new} new frames in {} from {} devices",
+        unlabeled.display(),
+        reports.len() - failed
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))

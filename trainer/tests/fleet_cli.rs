@@ -48,6 +48,11 @@ fn public_hex(seed: [u8; 32]) -> String {
 
 impl Devices {
     fn start(n: usize) -> Devices {
+        Devices::start_with(n, "")
+    }
+
+    /// `n` daemons with `extra` TOML in their config.
+    fn start_with(n: usize, extra: &str) -> Devices {
         let turn = ONE_AT_A_TIME
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -91,6 +96,7 @@ enabled = false
 [http]
 port = {port}
 token_file = "{token}"
+{extra}
 "#,
                     key = public_hex(KEY),
                     store = d.join("store").display(),
@@ -337,4 +343,116 @@ fn a_refusing_canary_stops_the_push_and_dead_devices_are_reported() {
     ] {
         assert!(stderr.contains(want), "{want}: {stderr}");
     }
+}
+
+#[test]
+fn dataset_pull_copies_each_devices_captures_into_unlabeled_once() {
+    // Rules alone with an unreachable bar: every frame is uncertain, so every frame is kept.
+    let devices = Devices::start_with(2, "[policy]\nmode = \"rules\"\nrules_confident_at = 1.0\n");
+    let captures = |i: usize| -> usize {
+        let mut r = ureq::get(format!(
+            "http://127.0.0.1:{}/api/v1/captures",
+            devices.ports[i]
+        ))
+        .header("Authorization", format!("Bearer {TOKEN}"))
+        .call()
+        .unwrap();
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        v.len()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (0..2).any(|i| captures(i) < 3) {
+        assert!(
+            Instant::now() < deadline,
+            "devices captured too few frames in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fleet = devices.fleet(0..2, "");
+    let dataset = devices.dir.path().join("ds");
+    let spec = weld_core::dataset::DatasetSpec {
+        classes: ["good", "porosity"].map(String::from).to_vec(),
+        depth_unit_mm: Some(weld_core::synth::SynthConfig::new(160, 120).depth_unit_mm),
+        intrinsics: None,
+    };
+    weld_core::dataset::Dataset::create(&dataset, spec).unwrap();
+    let (ok, stdout, stderr) = trainer(&[
+        "dataset",
+        "pull",
+        "--devices",
+        fleet.to_str().unwrap(),
+        "--out",
+        dataset.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let files = |device: &str, suffix: &str| {
+        std::fs::read_dir(dataset.join("unlabeled"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(device) && n.ends_with(suffix))
+            .count()
+    };
+    for device in ["dev-00", "dev-01"] {
+        let rgb = files(device, ".png") - files(device, ".depth.png");
+        assert!(rgb >= 3, "{device}: {rgb} frames\n{stdout}");
+        assert_eq!(files(device, ".depth.png"), rgb, "each frame has its depth");
+    }
+    // The frames read back as a dataset's unlabeled frames.
+    let ds = weld_core::dataset::Dataset::open(&dataset).unwrap();
+    let unlabeled = ds.samples.iter().filter(|s| s.label.is_none()).count();
+    assert!(unlabeled >= 6, "{unlabeled}");
+    let frame = ds.load(&ds.samples[0]).unwrap();
+    assert!(frame.depth().is_some());
+
+    // Again: only frames captured since are fetched.
+    let (ok, stdout, _) = trainer(&[
+        "dataset",
+        "pull",
+        "--devices",
+        fleet.to_str().unwrap(),
+        "--out",
+        dataset.to_str().unwrap(),
+    ]);
+    assert!(ok);
+    assert!(stdout.contains("already there"), "{stdout}");
+    let before = unlabeled;
+    let ds = weld_core::dataset::Dataset::open(&dataset).unwrap();
+    let after = ds.samples.iter().filter(|s| s.label.is_none()).count();
+    assert!(after >= before, "{after} < {before}");
+
+    // A dataset for another camera (another depth unit): nothing copied, the reason named.
+    let other = devices.dir.path().join("other-ds");
+    let spec = weld_core::dataset::DatasetSpec {
+        classes: ["good", "porosity"].map(String::from).to_vec(),
+        depth_unit_mm: Some(0.01),
+        intrinsics: None,
+    };
+    weld_core::dataset::Dataset::create(&other, spec).unwrap();
+    let (ok, stdout, _) = trainer(&[
+        "dataset",
+        "pull",
+        "--devices",
+        fleet.to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(stdout.contains("depth_unit_mm is 0.01"), "{stdout}");
+    assert_eq!(
+        std::fs::read_dir(other.join("unlabeled")).unwrap().count(),
+        0
+    );
+
+    // Not a dataset: refused before anything is fetched.
+    let (ok, _, stderr) = trainer(&[
+        "dataset",
+        "pull",
+        "--devices",
+        fleet.to_str().unwrap(),
+        "--out",
+        devices.dir.path().to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("is not a dataset"), "{stderr}");
 }

@@ -100,6 +100,9 @@ pub struct CaptureMeta {
     pub height: u32,
     /// Whether a depth image is stored.
     pub has_depth: bool,
+    /// Millimetres per raw unit of the depth PNG (`None` without depth): a dataset that takes
+    /// the frame must have the same `depth_unit_mm`.
+    pub depth_unit_mm: Option<f32>,
     /// Size of the RGB PNG in bytes.
     pub rgb_png_bytes: u64,
     /// Size of the depth PNG in bytes (0 without depth).
@@ -380,6 +383,7 @@ impl Captures {
                 width: r.frame.width,
                 height: r.frame.height,
                 has_depth: r.frame.depth_unit_mm.is_some(),
+                depth_unit_mm: r.frame.depth_unit_mm,
                 rgb_png_bytes: r.rgb_png_bytes,
                 depth_png_bytes: r.depth_png_bytes,
             });
