@@ -220,7 +220,7 @@ pub async fn run(
                 live,
                 detector: settings.detector.clone(),
                 token: h.token.clone(),
-                deployer,
+                deployer: deployer.clone(),
                 started: Instant::now(),
                 config: cfg.file.clone(),
             };
@@ -259,6 +259,8 @@ pub async fn run(
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     watchdog.tick().await;
     let mut liveness = Liveness::default();
+    let mut trial_tick = tokio::time::interval(TRIAL_CHECK_EVERY);
+    trial_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut last = (Instant::now(), 0u64);
     let mut stopping = false;
@@ -274,6 +276,11 @@ pub async fn run(
             _ = watchdog.tick(), if check_every.is_some() && !stopping => {
                 let processed = shared.stats.processed.load(Ordering::Relaxed);
                 service.watchdog(liveness.check(processed, &shared.stats.camera()));
+            }
+            _ = trial_tick.tick(), if !stopping => {
+                // A rollback loads a model: off the async threads.
+                let d = deployer.clone();
+                tokio::task::spawn_blocking(move || d.check_trial());
             }
             _ = tick.tick() => {
                 let processed = shared.stats.processed.load(Ordering::Relaxed);
@@ -344,6 +351,8 @@ fn with_embedded_broker(mut m: MqttSettings) -> MqttSettings {
 
 /// How often `run` logs a stats line.
 const STATS_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often the model on trial is checked (`deploy::Deployer::check_trial`).
+const TRIAL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Resolves on ctrl-c or SIGTERM (systemd's stop).
 pub async fn shutdown_signal() {

@@ -10,13 +10,19 @@
 //! frames; the switch is one atomic pointer swap (`arc-swap`), so no frame waits for it or
 //! fails because of it: a frame in flight finishes on the model it started with.
 //!
+//! A model that went live is on trial for [`TRIAL`]: failing on [`TRIAL_MAX_FAILURES`] frames
+//! in that time (an error from the model, e.g. an input the camera cannot give) rolls it back
+//! automatically ([`Deployer::check_trial`]), and the device reports why.
+//!
 //! One change at a time: a second install or activation while one runs is refused as busy.
 //! Persistence and crash rules are those of the model store (`store/models.rs`); at start-up
 //! [`startup_model`] runs the active installed version, checked again, or the first that
 //! passes of the versions before it, or the configured model.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, TryLockError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -148,6 +154,21 @@ pub struct RunningModel {
     pub backend: String,
 }
 
+/// How long a model that was pushed or activated is on trial: failing on frames in this time
+/// rolls it back ([`Deployer::check_trial`]).
+pub const TRIAL: Duration = Duration::from_secs(600);
+/// Frames the model fails on (an error, not a low confidence) that end its trial in a rollback.
+pub const TRIAL_MAX_FAILURES: u64 = 3;
+
+/// The model on trial and the pipeline's counters when it went live.
+#[derive(Debug)]
+struct Trial {
+    version: String,
+    since: Instant,
+    failures: u64,
+    runs: u64,
+}
+
 /// Installs and switches models for one running pipeline. Share it behind an `Arc`.
 #[derive(Debug)]
 pub struct Deployer {
@@ -159,6 +180,7 @@ pub struct Deployer {
     keep: usize,
     max_bundle_bytes: u64,
     busy: Mutex<()>,
+    trial: Mutex<Option<Trial>>,
 }
 
 impl Deployer {
@@ -189,6 +211,7 @@ impl Deployer {
             keep: deploy.keep,
             max_bundle_bytes: deploy.max_bundle_bytes,
             busy: Mutex::new(()),
+            trial: Mutex::new(None),
         }
     }
 
@@ -333,6 +356,7 @@ impl Deployer {
         self.models.set_activation(&next)?;
         self.shared.model.store(model.map(Arc::new));
         self.shared.model_error.store(None);
+        *self.trial_lock() = None;
         tracing::info!(version = ?target, "model rolled back");
         drop(guard);
         self.view()
@@ -369,11 +393,65 @@ impl Deployer {
     /// Records `version` as active, then puts `model` on the line. Stored first: a crash
     /// between the two restarts on the new model, which has passed every check.
     fn switch(&self, version: Option<String>, model: Model) -> Result<(), DeployError> {
-        let next = self.models.activation()?.then(version);
+        let next = self.models.activation()?.then(version.clone());
         self.models.set_activation(&next)?;
+        let stats = &self.shared.stats;
+        *self.trial_lock() = version.map(|version| Trial {
+            version,
+            since: Instant::now(),
+            failures: stats.model_failures.load(Ordering::Relaxed),
+            runs: stats.model_runs.load(Ordering::Relaxed),
+        });
         self.shared.model.store(Some(Arc::new(model)));
         self.shared.model_error.store(None);
         Ok(())
+    }
+
+    fn trial_lock(&self) -> std::sync::MutexGuard<'_, Option<Trial>> {
+        self.trial
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Ends the trial of the model that went live last: after [`TRIAL`] without trouble it
+    /// passes; when it has failed on [`TRIAL_MAX_FAILURES`] frames it is rolled back, and the
+    /// reason is kept in the device status (degraded) until the next model change. Call it
+    /// every second or so; returns the reason when it rolled back.
+    pub fn check_trial(&self) -> Option<String> {
+        let (version, failed, ran) = {
+            let mut trial = self.trial_lock();
+            let t = trial.as_ref()?;
+            if t.since.elapsed() > TRIAL {
+                *trial = None;
+                return None;
+            }
+            let stats = &self.shared.stats;
+            let failed = stats.model_failures.load(Ordering::Relaxed) - t.failures;
+            if failed < TRIAL_MAX_FAILURES {
+                return None;
+            }
+            let ran = stats.model_runs.load(Ordering::Relaxed) - t.runs;
+            (t.version.clone(), failed, ran)
+        };
+        match self.rollback() {
+            Ok(view) => {
+                let now = view.running.map_or("no model".to_string(), |m| {
+                    format!("{} {}", m.name, m.version)
+                });
+                let why = format!(
+                    "model {version} failed on {failed} of the {ran} frames it was asked about \
+                     since it went live, and was rolled back automatically; running {now}"
+                );
+                tracing::error!("{why}");
+                self.shared.model_error.store(Some(Arc::new(why.clone())));
+                Some(why)
+            }
+            Err(DeployError::Busy) => None,
+            Err(e) => {
+                tracing::error!(%version, error = %e, "the failing model could not be rolled back");
+                None
+            }
+        }
     }
 
     fn load_installed(&self, version: &str) -> Result<Model, DeployError> {

@@ -49,6 +49,8 @@ struct Setup {
     extra: String,
     /// The camera's size and rate, and the inference workers.
     camera: (u32, u32, u32, usize),
+    /// A whole `[source]` section instead of the synthetic camera.
+    source: Option<String>,
 }
 
 impl Default for Setup {
@@ -59,6 +61,7 @@ impl Default for Setup {
             request_timeout_s: 30,
             extra: String::new(),
             camera: (WIDTH, HEIGHT, 20, 1),
+            source: None,
         }
     }
 }
@@ -232,11 +235,7 @@ fn write_config(dir: &Path, setup: &Setup) -> PathBuf {
 [device]
 id = "http-07"
 line = "L9"
-[source]
-kind = "synthetic"
-width = {width}
-height = {height}
-fps = {fps}
+{source}
 [pipeline]
 workers = {workers}
 [store]
@@ -254,9 +253,10 @@ request_timeout_s = {timeout}
             store = dir.join("store").display(),
             timeout = setup.request_timeout_s,
             extra = setup.extra,
-            width = setup.camera.0,
-            height = setup.camera.1,
-            fps = setup.camera.2,
+            source = setup.source.clone().unwrap_or_else(|| format!(
+                "[source]\nkind = \"synthetic\"\nwidth = {}\nheight = {}\nfps = {}",
+                setup.camera.0, setup.camera.1, setup.camera.2
+            )),
             workers = setup.camera.3,
         ),
     )
@@ -1366,4 +1366,92 @@ fn swaps_at_30_fps_drop_no_frame() {
     );
     assert!(frames > 0);
     assert_eq!(dropped, 0);
+}
+
+#[test]
+fn a_pushed_model_that_fails_on_frames_is_rolled_back_by_itself() {
+    use weld_core::manifest::{Golden, InputSpec, ModelManifest, Quantization};
+    // A camera without depth, and no configured model.
+    let frames = tempfile::tempdir().unwrap();
+    for i in 0..4u8 {
+        image::RgbImage::from_pixel(64, 48, image::Rgb([90 + i, 90, 90]))
+            .save(frames.path().join(format!("f{i}.png")))
+            .unwrap();
+    }
+    let d = Daemon::start(Setup {
+        source: Some(format!(
+            "[source]\nkind = \"replay\"\npath = \"{}\"\nloop = true\nfps = 20",
+            frames.path().display()
+        )),
+        extra: format!(
+            "[deploy]\ntrusted_keys = [\"{}\"]\n",
+            public_hex(DEPLOY_KEY)
+        ),
+        ..Setup::default()
+    });
+    d.wait_results(3);
+    assert_eq!(d.models()["running"], serde_json::Value::Null);
+
+    // A model that needs the height channel: its golden inputs (tensors, made by the trainer)
+    // pass on the device, but every frame of this camera fails it.
+    let onnx_dir = tempfile::tempdir().unwrap();
+    let onnx = std::fs::read(common::onnx::channel_mean_model(onnx_dir.path(), 4, 8)).unwrap();
+    let mut x = ndarray::Array4::<f32>::zeros((1, 4, 8, 8));
+    for c in 0..4 {
+        x.slice_mut(ndarray::s![0, c, .., ..]).fill(c as f32 + 1.0);
+    }
+    let manifest = ModelManifest {
+        name: "needs-height".into(),
+        version: "needs-height-1".into(),
+        created: chrono::Utc::now(),
+        architecture: "channel-mean".into(),
+        classes: ["good", "porosity", "undercut", "spatter"]
+            .map(String::from)
+            .to_vec(),
+        input: InputSpec::rgb_height(8),
+        onnx_sha256: String::new(),
+        quantization: Quantization::F32,
+        metrics: Default::default(),
+        lineage: Default::default(),
+        golden: Some(Golden {
+            sha256: String::new(),
+            count: 1,
+            logits: vec![vec![1.0, 2.0, 3.0, 4.0]],
+            backend: "tract".into(),
+            tolerance: 1e-3,
+        }),
+    };
+    let key = ed25519_dalek::SigningKey::from_bytes(&DEPLOY_KEY);
+    let golden = weld_core::bundle::Bundle::golden_bytes(&x);
+    let bundle = weld_core::bundle::Bundle::sign(manifest, onnx, Some(golden), &key)
+        .unwrap()
+        .to_tar()
+        .unwrap();
+    let r: serde_json::Value = d.push(&bundle, "").expect(201).json();
+    assert_eq!(r["active"], true, "{r}");
+
+    // Within a few seconds the device is back on what it ran, and says why.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = d.models();
+        if m["active"].is_null() {
+            assert_eq!(m["running"], serde_json::Value::Null, "{m}");
+            // Kept, for a look at what went wrong.
+            assert_eq!(m["installed"][0]["version"], "needs-height-1", "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not rolled back in 15 s: {m}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status: serde_json::Value = d.get("/api/v1/status").json();
+    let reasons = status["reasons"].to_string();
+    assert!(
+        reasons.contains("needs-height-1") && reasons.contains("rolled back automatically"),
+        "{status}"
+    );
+    d.wait_results(d.wait_results(1).len() + 3);
 }

@@ -4,6 +4,7 @@
 pub mod browser;
 pub mod daemon;
 pub mod mosquitto;
+pub mod onnx;
 pub mod output;
 
 use std::path::{Path, PathBuf};
