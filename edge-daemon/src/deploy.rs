@@ -105,6 +105,9 @@ pub enum DeployError {
     /// The version runs now.
     #[error("version {0} is the running model; activate another one before deleting it")]
     Active(String),
+    /// A shadow of the version that runs, or a shadow command with none running.
+    #[error("{0}")]
+    Shadow(String),
     /// Rollback with nothing before the running model.
     #[error("nothing to roll back to: no other model ran before this one")]
     NoPrevious,
@@ -144,6 +147,8 @@ pub struct ModelsView {
     pub running: Option<RunningModel>,
     /// Every installed bundle, oldest install first.
     pub installed: Vec<InstalledModel>,
+    /// The candidate running in shadow, with its agreement so far.
+    pub shadow: Option<weld_core::messages::ShadowStats>,
 }
 
 /// The model in the pipeline.
@@ -238,6 +243,7 @@ impl Deployer {
             previous: activation.previous,
             running,
             installed: self.models.list()?,
+            shadow: crate::mqtt::status::shadow_stats(&self.shared),
         })
     }
 
@@ -362,12 +368,79 @@ impl Deployer {
         self.view()
     }
 
+    /// Runs the installed `version` (checked again first) in shadow beside the active model,
+    /// on `sample` (0 < sample <= 1) of the frames the active model runs on; replaces any
+    /// shadow that ran. Its answers are compared in the stats, never used.
+    pub fn start_shadow(&self, version: &str, sample: f64) -> Result<ModelsView, DeployError> {
+        if !(sample > 0.0 && sample <= 1.0) {
+            return Err(DeployError::Shadow(format!(
+                "sample = {sample}: must be in (0, 1], the share of the model's frames the \
+                 candidate also runs on"
+            )));
+        }
+        let guard = self.lock()?;
+        if self.models.activation()?.active.as_deref() == Some(version) {
+            return Err(DeployError::Shadow(format!(
+                "version {version} is the running model; shadow another one"
+            )));
+        }
+        let model = self.load_installed(version)?;
+        let every = (1.0 / sample).round().max(1.0) as u64;
+        self.shared
+            .shadow
+            .store(Some(Arc::new(crate::pipeline::Shadow::new(
+                model,
+                version.to_string(),
+                every,
+            ))));
+        tracing::info!(%version, every, "shadow model started");
+        drop(guard);
+        self.view()
+    }
+
+    /// Stops the shadow; its figures are in the answer, as they were.
+    pub fn stop_shadow(&self) -> Result<ModelsView, DeployError> {
+        let view = self.view()?;
+        if self.shared.shadow.swap(None).is_none() {
+            return Err(DeployError::Shadow("no shadow model runs".into()));
+        }
+        tracing::info!("shadow model stopped");
+        Ok(view)
+    }
+
+    /// Makes the shadow the active model (checked again, as any activation), then stops it.
+    pub fn promote_shadow(&self) -> Result<ModelsView, DeployError> {
+        let Some(shadow) = self.shared.shadow.load_full() else {
+            return Err(DeployError::Shadow("no shadow model runs".into()));
+        };
+        let version = shadow.version.clone();
+        drop(shadow);
+        let guard = self.lock()?;
+        let model = self.load_installed(&version)?;
+        self.switch(Some(version.clone()), model)?;
+        self.shared.shadow.store(None);
+        tracing::info!(%version, "shadow model promoted");
+        drop(guard);
+        self.view()
+    }
+
     /// Removes an installed version that does not run.
     pub fn delete(&self, version: &str) -> Result<ModelsView, DeployError> {
         let guard = self.lock()?;
         let mut activation = self.models.activation()?;
         if activation.active.as_deref() == Some(version) {
             return Err(DeployError::Active(version.to_string()));
+        }
+        if self
+            .shared
+            .shadow
+            .load()
+            .as_ref()
+            .is_some_and(|s| s.version == version)
+        {
+            return Err(DeployError::Shadow(format!(
+                "version {version} runs in shadow; stop the shadow before deleting it"
+            )));
         }
         if !self.models.remove(version)? {
             return Err(DeployError::NotFound(version.to_string()));

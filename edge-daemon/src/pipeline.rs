@@ -205,6 +205,79 @@ impl Stats {
     }
 }
 
+/// A candidate model in shadow (`deploy::Deployer::start_shadow`): run on one in `every` of the
+/// frames the active model runs on, after it, its class compared with the active model's.
+#[derive(Debug)]
+pub struct Shadow {
+    pub model: Model,
+    pub version: String,
+    pub every: u64,
+    tally: Mutex<ShadowTally>,
+}
+
+/// What the shadow did so far.
+#[derive(Debug, Clone)]
+pub struct ShadowTally {
+    /// Frames the active model ran on since the shadow started (the sample is drawn from them).
+    pub offered: u64,
+    pub compared: u64,
+    pub agreed: u64,
+    pub failures: u64,
+    pub latency: Histogram<u64>,
+    pub active_latency: Histogram<u64>,
+}
+
+impl Shadow {
+    pub fn new(model: Model, version: String, every: u64) -> Shadow {
+        let h = Latencies::default().model;
+        Shadow {
+            model,
+            version,
+            every: every.max(1),
+            tally: Mutex::new(ShadowTally {
+                offered: 0,
+                compared: 0,
+                agreed: 0,
+                failures: 0,
+                latency: h.clone(),
+                active_latency: h,
+            }),
+        }
+    }
+
+    /// A copy of the tally.
+    pub fn tally(&self) -> ShadowTally {
+        lock(&self.tally).clone()
+    }
+
+    /// Runs the candidate on `frame` when it is in the sample, `active` being the active
+    /// model's verdict and inference time on it.
+    fn offer(&self, frame: &Frame, active: &ModelVerdict, active_ms: f32) {
+        let n = {
+            let mut t = lock(&self.tally);
+            t.offered += 1;
+            t.offered - 1
+        };
+        if n % self.every != 0 {
+            return;
+        }
+        let outcome = self.model.predict(frame);
+        let mut t = lock(&self.tally);
+        match outcome {
+            Ok(p) => {
+                t.compared += 1;
+                t.agreed += u64::from(p.class == active.class);
+                record_ms(&mut t.latency, p.infer_ms);
+                record_ms(&mut t.active_latency, active_ms);
+            }
+            Err(e) => {
+                t.failures += 1;
+                tracing::debug!(version = %self.version, error = %e, "the shadow model failed on a frame");
+            }
+        }
+    }
+}
+
 /// What the pipeline shares with the rest of the daemon (status, commands, HTTP).
 #[derive(Debug)]
 pub struct Shared {
@@ -215,6 +288,8 @@ pub struct Shared {
     pub model: ArcSwapOption<Model>,
     /// Why the configured model is not running (it failed to load), for the device status.
     pub model_error: ArcSwapOption<String>,
+    /// A candidate model compared with the active one, never deciding.
+    pub shadow: ArcSwapOption<Shadow>,
     /// Set to start a new part for smoothing (a command or a PLC signal).
     pub reset_part: AtomicBool,
     /// Frames to keep in the capture store whatever their result (the `capture` command).
@@ -231,6 +306,7 @@ impl Shared {
             policy: ArcSwap::from_pointee(policy),
             model: ArcSwapOption::new(model),
             model_error: ArcSwapOption::empty(),
+            shadow: ArcSwapOption::empty(),
             reset_part: AtomicBool::new(false),
             capture_next: AtomicU64::new(0),
             shutdown: Arc::new(AtomicBool::new(false)),
@@ -513,6 +589,9 @@ fn process(settings: &PipelineSettings, shared: &Shared, frame: &Frame) -> Frame
     if let Some(e) = &out.model_error {
         shared.stats.model_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(seq = frame.seq, error = %e, "model failed on a frame");
+    }
+    if let (Some(shadow), Some(verdict)) = (shared.shadow.load_full(), &out.result.model) {
+        shadow.offer(frame, verdict, out.result.latency_ms.model);
     }
     out
 }

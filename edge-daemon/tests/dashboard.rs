@@ -243,3 +243,89 @@ fn the_dashboard_shows_live_results_and_survives_a_daemon_restart() {
     );
     eprintln!("dashboard test took {:?}", started.elapsed());
 }
+
+#[test]
+fn the_dashboard_shows_a_shadow_models_agreement() {
+    const KEY: [u8; 32] = [41; 32];
+    const TOKEN: &str = "dashboard-test-token-0123456789";
+    let tmp = tempfile::tempdir().unwrap();
+    let port = common::mosquitto::free_port();
+    let config = config(tmp.path(), port);
+    let token = tmp.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    // The model decides every frame, so the shadow has frames to compare at once.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace(
+        "[http]\n",
+        &format!("[http]\ntoken_file = \"{}\"\n", token.display()),
+    );
+    text += &format!(
+        "[policy]\nmode = \"model\"\n[model]\nbuiltin = true\n[deploy]\ntrusted_keys = [\"{}\"]\n",
+        common::public_hex(KEY)
+    );
+    std::fs::write(&config, text).unwrap();
+    let daemon = Daemon::start(&config);
+    let api = |method: &str, path: &str, body: Vec<u8>, content_type: &str| {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let req = ureq::http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("Authorization", format!("Bearer {TOKEN}"))
+            .header("Content-Type", content_type)
+            .body(body)
+            .unwrap();
+        match ureq::run(req) {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => panic!("{method} {path}: {e}\ndaemon:\n{}", daemon.log()),
+        }
+    };
+    let bundle = common::signed_builtin("dash-candidate", KEY, |_, _, _| {});
+    assert_eq!(
+        api(
+            "POST",
+            "/api/v1/models?activate=false",
+            bundle,
+            "application/x-tar"
+        ),
+        201
+    );
+    assert_eq!(
+        api(
+            "POST",
+            "/api/v1/shadow",
+            br#"{"version":"dash-candidate","sample":1}"#.to_vec(),
+            "application/json"
+        ),
+        200
+    );
+
+    let browser = Browser::start();
+    let mut tab = browser.tab();
+    tab.call("Runtime.enable", json!({}));
+    tab.call(
+        "Page.navigate",
+        json!({ "url": format!("http://127.0.0.1:{port}/") }),
+    );
+    let line = wait_for("the shadow line on the page", || {
+        let v = tab.eval(
+            r#"(() => { const e = document.getElementById("shadow");
+                 return e && !e.hidden ? e.textContent : null; })()"#,
+        );
+        let text = v.as_str().unwrap_or("").to_string();
+        when(text.contains("agrees on 100.0% of"), text.clone(), || {
+            format!("shadow line: {v}\ndaemon:\n{}", daemon.log())
+        })
+    });
+    eprintln!("{line}");
+    assert!(
+        line.starts_with("shadow dash-candidate: agrees on 100.0% of"),
+        "{line}"
+    );
+    assert!(line.contains("ms (active"), "{line}");
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    tab.screenshot(&target.join("dashboard-shadow.png"));
+    assert!(tab.page_errors.is_empty(), "{:#?}", tab.page_errors);
+}

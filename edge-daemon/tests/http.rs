@@ -1455,3 +1455,81 @@ fn a_pushed_model_that_fails_on_frames_is_rolled_back_by_itself() {
     );
     d.wait_results(d.wait_results(1).len() + 3);
 }
+
+#[test]
+fn a_shadow_model_is_compared_on_the_models_frames_then_promoted() {
+    let d = deploy_daemon();
+    d.wait_results(1);
+    let builtin = builtin_bundle().manifest.version;
+    d.push(&good("cand-1"), "?activate=false").expect(201);
+    let shadow = |body: &str| {
+        call(
+            agent()
+                .post(d.url("/api/v1/shadow"))
+                .header("Authorization", format!("Bearer {TOKEN}"))
+                .header("Content-Type", "application/json")
+                .send(body),
+        )
+    };
+    assert_eq!(
+        shadow(r#"{"version":"nope","sample":1}"#).error(404),
+        "not_found"
+    );
+    assert_eq!(
+        shadow(r#"{"version":"cand-1","sample":0}"#).error(409),
+        "shadow"
+    );
+    assert_eq!(
+        shadow(r#"{"version":"cand-1","sampel":1}"#).error(400),
+        "bad_request"
+    );
+    let v: serde_json::Value = shadow(r#"{"version":"cand-1","sample":1}"#)
+        .expect(200)
+        .json();
+    assert_eq!(v["shadow"]["version"], "cand-1", "{v}");
+    assert_eq!(v["running"]["version"], builtin.as_str(), "{v}");
+    assert_eq!(d.models_delete("cand-1").error(409), "shadow");
+
+    // The same network under another signature: it agrees on every frame the active model
+    // decided, in the stats as in the model list.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let s: serde_json::Value = d.get("/api/v1/stats").json();
+        if s["shadow"]["frames"].as_u64().unwrap_or(0) >= 3 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shadow ran on too few frames: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let sh = &stats["shadow"];
+    assert_eq!(sh["agreed"], sh["frames"], "{sh}");
+    assert_eq!(sh["agreement"], 1.0, "{sh}");
+    assert_eq!(sh["failures"], 0, "{sh}");
+    assert!(sh["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{sh}");
+    // Only frames the active model ran on are offered.
+    assert!(
+        sh["frames"].as_u64().unwrap() <= stats["frames"]["model_runs"].as_u64().unwrap(),
+        "{stats}"
+    );
+
+    let promote = call(
+        agent()
+            .post(d.url("/api/v1/shadow/promote"))
+            .header("Authorization", format!("Bearer {TOKEN}"))
+            .send_empty(),
+    );
+    let v: serde_json::Value = promote.expect(200).json();
+    assert_eq!(v["running"]["version"], "cand-1", "{v}");
+    assert_eq!(v["active"], "cand-1", "{v}");
+    assert_eq!(v["shadow"], serde_json::Value::Null, "{v}");
+    let r = call(
+        agent()
+            .delete(d.url("/api/v1/shadow"))
+            .header("Authorization", format!("Bearer {TOKEN}"))
+            .call(),
+    );
+    assert_eq!(r.error(409), "shadow");
+}

@@ -110,6 +110,32 @@ pub struct Stats {
     pub latency_ms: BTreeMap<String, Quantiles>,
     pub outbox: OutboxStats,
     pub camera: String,
+    /// The candidate model running in shadow, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStats>,
+}
+
+/// A candidate model run beside the active one on a sample of the frames the active model
+/// decides: how often it agrees, and how fast it is. Its answers are never used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ShadowStats {
+    /// The candidate's version (installed on the device).
+    pub version: String,
+    /// It runs on one in `every` of the frames the active model runs on.
+    pub every: u64,
+    /// Frames both models classified.
+    pub frames: u64,
+    /// Of those, frames where both gave the same class.
+    pub agreed: u64,
+    /// `agreed / frames` (0 before any frame).
+    pub agreement: f64,
+    /// Frames the candidate failed on.
+    pub failures: u64,
+    /// The candidate's inference time, ms.
+    pub latency_ms: Quantiles,
+    /// The active model's inference time on the same frames, ms.
+    pub active_latency_ms: Quantiles,
 }
 
 /// `…/cmd/<name>/reply`: the answer to one command. `ok` false comes with `error` (a short

@@ -88,10 +88,14 @@ pub struct PushArgs {
     /// Devices pushed to at the same time (1..=64).
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Push to the first device alone, watch it this many seconds, and push to the rest only
-    /// if it still runs the bundle and decided frames meanwhile.
+    /// Install on the first device alone and run the bundle there in shadow this many seconds,
+    /// on every frame its model decides; push to the rest only if it agreed on at least
+    /// --min-agreement of them and failed on none (it is then promoted there first).
     #[arg(long, value_name = "SECONDS")]
     pub canary: Option<u64>,
+    /// The canary's agreement needed to go on, 0..=1.
+    #[arg(long, default_value_t = 0.9)]
+    pub min_agreement: f64,
     /// Also write the per-device report as JSON here.
     #[arg(long)]
     pub report: Option<PathBuf>,

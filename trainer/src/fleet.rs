@@ -257,6 +257,33 @@ impl Device {
         }
     }
 
+    /// A call with a JSON body that needs the token.
+    fn post_json(
+        &self,
+        agent: &ureq::Agent,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        answer(
+            agent
+                .post(format!("{}{path}", self.url))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .header("Content-Type", "application/json")
+                .send(body.to_string()),
+        )?
+        .json()
+    }
+
+    fn delete(&self, agent: &ureq::Agent, path: &str) -> Result<serde_json::Value, String> {
+        answer(
+            agent
+                .delete(format!("{}{path}", self.url))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .call(),
+        )?
+        .json()
+    }
+
     fn upload(
         &self,
         agent: &ureq::Agent,
@@ -281,9 +308,13 @@ pub struct PushOptions {
     pub activate: bool,
     /// Devices pushed to at the same time, 1..=[`MAX_CONCURRENCY`].
     pub concurrency: usize,
-    /// Push to the first device alone, watch it this long, and go on only if it still runs the
-    /// bundle and decided frames meanwhile.
+    /// Push to the first device alone and run the bundle there in shadow this long, beside
+    /// the model it runs; go on only if the bundle agreed with it on at least
+    /// `min_agreement` of the frames and failed on none (then, with `activate`, it is promoted
+    /// there and must go on deciding frames).
     pub canary: Option<Duration>,
+    /// Share of the canary's model frames the bundle must agree on, 0..=1.
+    pub min_agreement: f64,
 }
 
 /// What happened on one device.
@@ -333,9 +364,9 @@ pub fn push(
 ) -> PushReport {
     let started = Instant::now();
     let agent = fleet.agent();
-    let one = |d: &Device| {
+    let one = |d: &Device, activate: bool| {
         let t = Instant::now();
-        let r = d.upload(&agent, bundle, opts.activate);
+        let r = d.upload(&agent, bundle, activate);
         let seconds = t.elapsed().as_secs_f64();
         let report = match r {
             Ok(v) => DeviceReport {
@@ -373,11 +404,12 @@ pub fn push(
     let mut rest: &[Device] = &fleet.devices;
     let mut offset = 0;
     if let (Some(wait), Some(first)) = (opts.canary, fleet.devices.first()) {
-        let r = one(first);
+        // Installed only: it runs in shadow first.
+        let r = one(first, false);
         let ok = r.ok;
         reports[0] = Some(r);
         let verdict = if ok {
-            watch_canary(&agent, first, version, wait, opts.activate)
+            watch_canary(&agent, first, version, wait, opts)
         } else {
             Err("the canary refused the bundle".into())
         };
@@ -404,7 +436,8 @@ pub fn push(
             }
         }
     }
-    for (i, r) in map_bounded(rest, opts.concurrency, one)
+    let every = |d: &Device| one(d, opts.activate);
+    for (i, r) in map_bounded(rest, opts.concurrency, every)
         .into_iter()
         .enumerate()
     {
@@ -419,49 +452,84 @@ pub fn push(
     }
 }
 
-/// Watches the canary for `wait`: it must still run `version` at the end (a device that rolled
-/// back did not keep it) and have decided frames meanwhile. `Ok` describes what it did.
+/// The canary's trial: `version` (installed, not running) in shadow on every frame the active
+/// model decides for `wait`; then its agreement and failures decide. With `activate` it is
+/// promoted and must still run and decide frames a moment later. `Ok` describes what it did.
 fn watch_canary(
     agent: &ureq::Agent,
     d: &Device,
     version: &str,
     wait: Duration,
-    activate: bool,
+    opts: &PushOptions,
 ) -> Result<String, String> {
-    let processed = |v: &serde_json::Value| v["frames"]["processed"].as_u64().unwrap_or(0);
-    let before = processed(&d.get(agent, "/api/v1/stats")?);
+    d.post_json(
+        agent,
+        "/api/v1/shadow",
+        &serde_json::json!({"version": version, "sample": 1.0}),
+    )?;
     std::thread::sleep(wait);
-    let after_stats = d.get(agent, "/api/v1/stats")?;
-    let after = processed(&after_stats);
-    let models = d.get(agent, "/api/v1/models")?;
-    let installed = models["installed"]
-        .as_array()
-        .is_some_and(|l| l.iter().any(|m| m["version"] == version));
-    if !installed {
-        return Err(format!("{} no longer has {version} installed", d.name));
+    let stats = d.get(agent, "/api/v1/stats")?;
+    let sh = &stats["shadow"];
+    let frames = sh["frames"].as_u64().unwrap_or(0);
+    let agreement = sh["agreement"].as_f64().unwrap_or(0.0);
+    let failures = sh["failures"].as_u64().unwrap_or(0);
+    let figures = format!(
+        "{version} in shadow on {} for {:.0} s: agreed on {:.1}% of {frames} frames, {failures} \
+         failed, p50 {:.1} ms (the running model {:.1} ms)",
+        d.name,
+        wait.as_secs_f64(),
+        agreement * 100.0,
+        sh["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+        sh["active_latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+    );
+    let verdict = if sh.is_null() || sh["version"] != version {
+        Err(format!("{} runs no shadow of {version}", d.name))
+    } else if frames == 0 {
+        Err(format!(
+            "{figures}: no frame to compare (the running model decided none); watch longer"
+        ))
+    } else if failures > 0 {
+        Err(format!("{figures}: it failed on frames"))
+    } else if agreement < opts.min_agreement {
+        Err(format!(
+            "{figures}: below --min-agreement {:.1}%",
+            opts.min_agreement * 100.0
+        ))
+    } else {
+        Ok(figures)
+    };
+    let figures = match verdict {
+        Ok(f) => f,
+        Err(why) => {
+            // Leave the canary as it was: its model, no shadow.
+            let _ = d.delete(agent, "/api/v1/shadow");
+            return Err(why);
+        }
+    };
+    if !opts.activate {
+        d.delete(agent, "/api/v1/shadow")?;
+        return Ok(figures);
     }
+    let processed = |v: &serde_json::Value| v["frames"]["processed"].as_u64().unwrap_or(0);
+    d.post_json(agent, "/api/v1/shadow/promote", &serde_json::json!({}))?;
+    let before = processed(&d.get(agent, "/api/v1/stats")?);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = processed(&d.get(agent, "/api/v1/stats")?);
+    let models = d.get(agent, "/api/v1/models")?;
     let running = models["running"]["version"].as_str().unwrap_or("none");
-    if activate && running != version {
+    if running != version {
         return Err(format!(
-            "{} runs {running}, not {version}, after {:.0} s",
-            d.name,
-            wait.as_secs_f64()
+            "{figures}; promoted, but {} runs {running}",
+            d.name
         ));
     }
     if after <= before {
         return Err(format!(
-            "{} decided no frames in {:.0} s",
-            d.name,
-            wait.as_secs_f64()
+            "{figures}; promoted, but {} decides no frames",
+            d.name
         ));
     }
-    Ok(format!(
-        "{} ran {running} for {:.0} s and decided {} frames ({:.1} fps)",
-        d.name,
-        wait.as_secs_f64(),
-        after - before,
-        after_stats["fps"].as_f64().unwrap_or(0.0)
-    ))
+    Ok(format!("{figures}; promoted"))
 }
 
 /// One device as `devices status` shows it.

@@ -20,6 +20,9 @@ pub fn push(a: &PushArgs) -> Result<ExitCode> {
             a.concurrency
         );
     }
+    if !(0.0..=1.0).contains(&a.min_agreement) {
+        anyhow::bail!("--min-agreement {}: must be 0..=1", a.min_agreement);
+    }
     let fleet = Fleet::load(&a.devices)?;
     // Read and parse it here so that a file that is no bundle fails once, not on every device;
     // the signature and the model are the devices' to check, against their own trusted keys.
@@ -40,9 +43,13 @@ pub fn push(a: &PushArgs) -> Result<ExitCode> {
         activate: !a.no_activate,
         concurrency: a.concurrency,
         canary: a.canary.map(Duration::from_secs),
+        min_agreement: a.min_agreement,
     };
     if let (Some(s), Some(first)) = (a.canary, fleet.devices.first()) {
-        bar.println(format!("canary: {} first, watched for {s} s", first.name));
+        bar.println(format!(
+            "canary: {} first, the bundle in shadow there for {s} s",
+            first.name
+        ));
     }
     let report = fleet::push(
         &fleet,

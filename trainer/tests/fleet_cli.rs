@@ -264,7 +264,8 @@ fn push_installs_on_twenty_devices_and_status_shows_it() {
 
 #[test]
 fn a_refusing_canary_stops_the_push_and_dead_devices_are_reported() {
-    let devices = Devices::start(3);
+    // The model decides every frame, so the canary's shadow has frames to compare.
+    let devices = Devices::start_with(3, "[policy]\nmode = \"model\"\n");
     let builtin = devices.running(0);
     // Signed by a key the devices do not trust: the canary refuses, nobody else is asked.
     let untrusted = bundle(devices.dir.path(), "bad-v1", OTHER_KEY);
@@ -288,8 +289,9 @@ fn a_refusing_canary_stops_the_push_and_dead_devices_are_reported() {
         assert_eq!(devices.running(i), builtin);
     }
 
-    // A good bundle with a canary: the first device is watched deciding frames on it, then the
-    // rest get it; a device that is not there is reported, the others still take it.
+    // A good bundle with a canary: it runs in shadow on the first device, agrees with what
+    // runs there (the same network), is promoted, then the rest get it; a device that is not
+    // there is reported, the others still take it.
     let good = bundle(devices.dir.path(), "good-v1", KEY);
     // Chosen with the daemons' ports, so no daemon has it.
     let dead = *devices.ports.last().unwrap();
@@ -306,7 +308,12 @@ fn a_refusing_canary_stops_the_push_and_dead_devices_are_reported() {
         "2",
     ]);
     assert!(!ok, "one device is gone: {stdout}\n{stderr}");
-    assert!(stdout.contains("canary: dev-00 ran good-v1"), "{stdout}");
+    assert!(
+        stdout.contains("canary: good-v1 in shadow on dev-00")
+            && stdout.contains("agreed on 100.0%"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("; promoted"), "{stdout}");
     assert!(stdout.contains("unreachable"), "{stdout}");
     assert!(stdout.contains("3 of 4 devices took it"), "{stdout}");
     for i in 0..3 {

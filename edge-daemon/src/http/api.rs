@@ -148,11 +148,12 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     paths(
         healthz, readyz, metrics, status, stats, results, results_latest, results_stream,
         frame_latest, inspect, get_config, patch_config, captures, capture, list_models,
-        upload_model, activate_model, rollback_model, delete_model, openapi_json
+        upload_model, activate_model, rollback_model, delete_model, start_shadow, stop_shadow,
+        promote_shadow, openapi_json
     ),
     components(schemas(ErrorBody, DeviceStatus, MqttState, ConfigPatch, PolicyPatch,
         crate::deploy::ModelsView, crate::deploy::Installed, crate::deploy::RunningModel,
-        crate::store::InstalledModel)),
+        crate::store::InstalledModel, ShadowRequest, weld_core::messages::ShadowStats)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -198,6 +199,14 @@ pub fn router(state: Arc<AppState>, settings: &HttpSettings) -> Router {
         .route(
             "/api/v1/models/:version",
             axum::routing::delete(delete_model),
+        )
+        .route(
+            "/api/v1/shadow",
+            axum::routing::post(start_shadow).delete(stop_shadow),
+        )
+        .route(
+            "/api/v1/shadow/promote",
+            axum::routing::post(promote_shadow),
         )
         .route("/api/v1/openapi.json", get(openapi_json))
         .merge(super::dashboard::routes())
@@ -763,6 +772,7 @@ fn deploy_error(e: crate::deploy::DeployError) -> ApiError {
         E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
         E::Active(_) => (StatusCode::CONFLICT, "active"),
         E::NoPrevious => (StatusCode::CONFLICT, "no_previous"),
+        E::Shadow(_) => (StatusCode::CONFLICT, "shadow"),
         E::Broken { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "broken_model"),
         E::Store(_) => {
             tracing::error!(error = %e, "the model store failed");
@@ -889,6 +899,63 @@ async fn rollback_model(
     authorize(&state, &headers)?;
     let d = state.deployer.clone();
     deploying(move || d.rollback()).await.map(Json)
+}
+
+/// `POST /api/v1/shadow`: which installed version to run in shadow, on what share of frames.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowRequest {
+    /// An installed version that does not run.
+    pub version: String,
+    /// Share of the frames the active model runs on that the candidate also runs on, (0, 1].
+    /// Default 0.25.
+    pub sample: Option<f64>,
+}
+
+/// Runs an installed version beside the active model on a sample of its frames; agreement
+/// and latency appear in `stats` (HTTP and MQTT), `GET models` and the dashboard.
+#[utoipa::path(post, path = "/api/v1/shadow", request_body = ShadowRequest,
+    security(("bearer" = [])),
+    responses((status = 200, body = crate::deploy::ModelsView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn start_shadow(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Result<Json<ShadowRequest>, JsonRejection>,
+) -> ApiResult<Json<crate::deploy::ModelsView>> {
+    authorize(&state, &headers)?;
+    let Json(req) = body?;
+    let d = state.deployer.clone();
+    deploying(move || d.start_shadow(&req.version, req.sample.unwrap_or(0.25)))
+        .await
+        .map(Json)
+}
+
+/// Makes the shadow model the active one (checked again first).
+#[utoipa::path(post, path = "/api/v1/shadow/promote", security(("bearer" = [])),
+    responses((status = 200, body = crate::deploy::ModelsView), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn promote_shadow(
+    State(state): Shared,
+    headers: HeaderMap,
+) -> ApiResult<Json<crate::deploy::ModelsView>> {
+    authorize(&state, &headers)?;
+    let d = state.deployer.clone();
+    deploying(move || d.promote_shadow()).await.map(Json)
+}
+
+/// Stops the shadow model; the answer carries its final figures.
+#[utoipa::path(delete, path = "/api/v1/shadow", security(("bearer" = [])),
+    responses((status = 200, body = crate::deploy::ModelsView), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn stop_shadow(
+    State(state): Shared,
+    headers: HeaderMap,
+) -> ApiResult<Json<crate::deploy::ModelsView>> {
+    authorize(&state, &headers)?;
+    let d = state.deployer.clone();
+    deploying(move || d.stop_shadow()).await.map(Json)
 }
 
 /// Removes an installed version that does not run.

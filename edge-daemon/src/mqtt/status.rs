@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hdrhistogram::Histogram;
 use weld_core::messages::{
-    DeviceState, FrameCounts, MESSAGE_VERSION, OutboxStats, Quantiles, Stats, Status,
+    DeviceState, FrameCounts, MESSAGE_VERSION, OutboxStats, Quantiles, ShadowStats, Stats, Status,
 };
 
 use crate::pipeline::{Identity, Shared};
@@ -143,7 +143,28 @@ pub fn stats(
             acked,
         },
         camera: camera_word(&s.camera()).to_string(),
+        shadow: shadow_stats(shared),
     }
+}
+
+/// The shadow model's figures, when one runs.
+pub fn shadow_stats(shared: &Shared) -> Option<ShadowStats> {
+    let shadow = shared.shadow.load_full()?;
+    let t = shadow.tally();
+    Some(ShadowStats {
+        version: shadow.version.clone(),
+        every: shadow.every,
+        frames: t.compared,
+        agreed: t.agreed,
+        agreement: if t.compared == 0 {
+            0.0
+        } else {
+            t.agreed as f64 / t.compared as f64
+        },
+        failures: t.failures,
+        latency_ms: quantiles(&t.latency),
+        active_latency_ms: quantiles(&t.active_latency),
+    })
 }
 
 #[cfg(test)]

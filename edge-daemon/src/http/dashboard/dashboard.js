@@ -407,6 +407,18 @@
       `model runs ${fmtInt(frames.model_runs)} · failures ${fmtInt(frames.model_failures)}`);
   }
 
+  // A candidate model in shadow: how often it agrees with the active one, and its speed.
+  function renderShadow(sh) {
+    const e = $("shadow");
+    e.hidden = !sh;
+    if (!sh) return;
+    const pct = sh.frames ? `${(sh.agreement * 100).toFixed(1)}%` : "—";
+    setText("shadow",
+      `shadow ${sh.version}: agrees on ${pct} of ${fmtInt(sh.frames)} frames` +
+      ` · p50 ${sh.latency_ms.p50.toFixed(1)} ms (active ${sh.active_latency_ms.p50.toFixed(1)} ms)` +
+      (sh.failures ? ` · ${fmtInt(sh.failures)} failed` : ""));
+  }
+
   function renderStages(latency) {
     const body = $("stages");
     const frag = document.createDocumentFragment();
@@ -434,6 +446,7 @@
     renderClasses(s.classes || {});
     renderSplit(s.decided_by || {}, f);
     renderStages(s.latency_ms || {});
+    renderShadow(s.shadow);
     setText("uptime", fmtDuration(s.uptime_s));
     const o = s.outbox;
     const outbox = $("outbox");
