@@ -1533,3 +1533,53 @@ fn a_shadow_model_is_compared_on_the_models_frames_then_promoted() {
     );
     assert_eq!(r.error(409), "shadow");
 }
+
+#[test]
+fn a_model_change_killed_at_any_moment_leaves_a_model_that_passed_its_checks() {
+    let mut d = deploy_daemon();
+    d.wait_results(1);
+    let builtin = builtin_bundle().manifest.version;
+    let mut seen = Vec::new();
+    // SIGKILL while a bundle is uploaded, checked, stored or switched to, at several moments.
+    for (i, delay_ms) in [0u64, 5, 20, 60, 150, 400].into_iter().enumerate() {
+        let version = format!("kill-{i}");
+        let body = good(&version);
+        let url = d.url("/api/v1/models");
+        let pusher = std::thread::spawn(move || {
+            let r = agent()
+                .post(url)
+                .header("Authorization", format!("Bearer {TOKEN}"))
+                .send(&body[..]);
+            r.map(|r| r.status().as_u16()).ok()
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        d.kill_and_restart();
+        let answered = pusher.join().unwrap();
+        // Whatever the moment: a model that passed its checks runs, and nothing is half there.
+        let m = d.models();
+        let running = m["running"]["version"].as_str().unwrap_or("").to_string();
+        let installed: Vec<String> = m["installed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["version"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            running == builtin || installed.contains(&running),
+            "after a kill at {delay_ms} ms: runs {running:?}, installed {installed:?}"
+        );
+        if answered == Some(201) {
+            assert_eq!(running, version, "the device said it runs {version}");
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(d._dir.path().join("store/models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".bundle"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        d.wait_results(1);
+        seen.push(format!("{delay_ms} ms: {answered:?}, runs {running}"));
+    }
+    eprintln!("{}", seen.join("\n"));
+    d.assert_alive();
+}
