@@ -1321,10 +1321,15 @@ fn bad_bundles_are_refused_with_the_reason_and_the_model_stays() {
     // Nothing of the refused bundles stayed on the device.
     let installed = d.models()["installed"].as_array().unwrap().len();
     assert_eq!(installed, 1);
-    let files: Vec<_> = std::fs::read_dir(d._dir.path().join("store/models"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let files: Vec<_> = std::fs::read_dir(
+        d._dir
+            .path()
+            .join("store")
+            .join(weld_edge::store::MODELS_DIR),
+    )
+    .unwrap()
+    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    .collect();
     assert_eq!(files, ["v-ok.bundle"]);
     let before = d.wait_results(1).len();
     d.wait_results(before + 5);
@@ -1571,11 +1576,16 @@ fn a_model_change_killed_at_any_moment_leaves_a_model_that_passed_its_checks() {
         if answered == Some(201) {
             assert_eq!(running, version, "the device said it runs {version}");
         }
-        let leftovers: Vec<_> = std::fs::read_dir(d._dir.path().join("store/models"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.ends_with(".bundle"))
-            .collect();
+        let leftovers: Vec<_> = std::fs::read_dir(
+            d._dir
+                .path()
+                .join("store")
+                .join(weld_edge::store::MODELS_DIR),
+        )
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".bundle"))
+        .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
         d.wait_results(1);
         seen.push(format!("{delay_ms} ms: {answered:?}, runs {running}"));

@@ -765,3 +765,21 @@ fn a_store_of_another_layout_is_refused() {
     assert!(matches!(err, StoreError::Layout { .. }), "{msg}");
     assert!(msg.contains("layout 99"), "{msg}");
 }
+
+#[test]
+fn opening_clears_only_the_model_stores_own_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // A bundle put beside the store by hand, where the board's guide puts it.
+    let mine = dir.path().join("models/weld-mbv2.bundle");
+    std::fs::create_dir_all(mine.parent().unwrap()).unwrap();
+    std::fs::write(&mine, b"the configured bundle").unwrap();
+    // What a killed install leaves in the model store: an upload and a file without a record.
+    let deployed = dir.path().join(weld_edge::store::MODELS_DIR);
+    std::fs::create_dir_all(&deployed).unwrap();
+    std::fs::write(deployed.join(".upload-0123"), b"half").unwrap();
+    std::fs::write(deployed.join("v9.bundle"), b"no record").unwrap();
+    let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+    assert!(store.models().list().unwrap().is_empty());
+    assert_eq!(std::fs::read(&mine).unwrap(), b"the configured bundle");
+    assert_eq!(std::fs::read_dir(&deployed).unwrap().count(), 0);
+}

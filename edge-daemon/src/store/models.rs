@@ -1,7 +1,9 @@
 //! The model store: bundles installed on this device, and which one runs.
 //!
-//! The bundles are files beside the database, `DIR/models/VERSION.bundle`, as uploaded (a
+//! The bundles are files beside the database, `DIR/deployed/VERSION.bundle`, as uploaded (a
 //! bundle is megabytes; kept in sled it would sit in its page cache and log, as captures did).
+//! The folder is the daemon's alone: [`Models::open`] removes what it does not know there. It
+//! is not `DIR/models/`, where the board's guide puts the configured bundle by hand.
 //! sled holds one record per installed bundle in the `models` tree (key: the version, UTF-8;
 //! value: [`InstalledModel`] as JSON) and the activation state under the key
 //! `weld-edge.active-model` of the default tree ([`Activation`] as JSON).
@@ -26,8 +28,9 @@ use super::{StoreError, sled_err};
 
 /// Tree name of the installed bundles' records.
 pub const MODELS_TREE: &str = "models";
-/// Folder of the installed bundle files inside the data directory.
-pub const MODELS_DIR: &str = "models";
+/// Folder of the installed bundle files inside the data directory (not `models`: people keep
+/// their configured bundles there, and this folder's unknown files are removed).
+pub const MODELS_DIR: &str = "deployed";
 /// Key in the default tree that holds the [`Activation`].
 const ACTIVE_KEY: &[u8] = b"weld-edge.active-model";
 /// Prefix of an upload's temporary file in [`MODELS_DIR`].
