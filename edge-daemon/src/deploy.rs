@@ -275,12 +275,11 @@ impl Deployer {
         if self.trusted.is_empty() {
             return Err(DeployError::NoTrustedKeys);
         }
-        let bytes = std::fs::read(upload).map_err(|e| StoreError::ModelFile {
-            path: upload.to_path_buf(),
-            source: e,
-        })?;
-        let sha256 = weld_core::bundle::sha256_hex(&bytes);
-        drop(bytes);
+        let sha256 =
+            weld_core::bundle::sha256_file_hex(upload).map_err(|e| StoreError::ModelFile {
+                path: upload.to_path_buf(),
+                source: e,
+            })?;
         let loaded = Model::from_bundle(upload, &self.trusted, &self.options)
             .map_err(|e| DeployError::Refused(refusal(&e)))?;
         let manifest = &loaded.manifest;

@@ -102,6 +102,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Hex sha256 of the file at `path`, read in chunks (a bundle can be 100 MB; a board should not
+/// hold it twice to hash it).
+pub fn sha256_file_hex(path: &Path) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// The short form of a public key shown in messages and listings: its first 8 bytes in hex.
 pub fn key_id(key: &VerifyingKey) -> String {
     hex::encode(&key.as_bytes()[..8])
@@ -451,6 +459,13 @@ mod tests {
         let back = Bundle::from_reader(bytes.as_slice()).expect("reads back");
         assert_eq!(back.manifest, b.manifest);
         assert_eq!(back.manifest.onnx_sha256, sha256_hex(b"not really onnx"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("onnx");
+        std::fs::write(&file, b"not really onnx").unwrap();
+        assert_eq!(
+            sha256_file_hex(&file).unwrap(),
+            sha256_hex(b"not really onnx")
+        );
         let signer = back
             .verify(&[key(2).verifying_key(), key(1).verifying_key()])
             .expect("verifies");
