@@ -547,17 +547,20 @@ impl Deployer {
         })
     }
 
-    /// Removes the oldest installs beyond `keep`, never the running one.
+    /// Removes the oldest installs beyond `keep`, never the running one or the shadow.
     fn prune(&self) -> Result<Vec<String>, DeployError> {
         let mut activation = self.models.activation()?;
         let installed = self.models.list()?;
         let mut excess = installed.len().saturating_sub(self.keep);
         let mut removed = Vec::new();
+        let shadow = self.shared.shadow.load_full().map(|s| s.version.clone());
         for m in installed {
             if excess == 0 {
                 break;
             }
-            if activation.active.as_deref() == Some(&m.version) {
+            if activation.active.as_deref() == Some(&m.version)
+                || shadow.as_deref() == Some(&m.version)
+            {
                 continue;
             }
             self.models.remove(&m.version)?;

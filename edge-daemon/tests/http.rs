@@ -1520,6 +1520,11 @@ fn a_shadow_model_is_compared_on_the_models_frames_then_promoted() {
         "{stats}"
     );
 
+    // keep = 2: installs while it runs never remove the shadow's bundle.
+    d.push(&good("x-1"), "?activate=false").expect(201);
+    let r: serde_json::Value = d.push(&good("x-2"), "?activate=false").expect(201).json();
+    assert_eq!(r["removed"], serde_json::json!(["x-1"]), "{r}");
+
     let promote = call(
         agent()
             .post(d.url("/api/v1/shadow/promote"))
