@@ -57,6 +57,17 @@ impl Default for DeploySection {
 }
 
 impl DeploySection {
+    /// The keys pushed bundles are checked against: these, or else the configured model's.
+    pub fn trusted_keys_with(&self, configured: Option<&ModelSection>) -> Vec<String> {
+        if self.trusted_keys.is_empty() {
+            configured
+                .map(|m| m.trusted_keys.clone())
+                .unwrap_or_default()
+        } else {
+            self.trusted_keys.clone()
+        }
+    }
+
     /// Every invalid value, each naming its `deploy.` key; empty when valid.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -117,6 +128,24 @@ pub enum DeployError {
     /// The model store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl DeployError {
+    /// The short code that HTTP's `error` and MQTT's reply `error` carry.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeployError::Busy => "busy",
+            DeployError::NoTrustedKeys => "no_trusted_keys",
+            DeployError::Refused(_) => "invalid_bundle",
+            DeployError::Conflict { .. } => "version_conflict",
+            DeployError::NotFound(_) => "not_found",
+            DeployError::Active(_) => "active",
+            DeployError::Shadow(_) => "shadow",
+            DeployError::NoPrevious => "no_previous",
+            DeployError::Broken { .. } => "broken_model",
+            DeployError::Store(_) => "internal",
+        }
+    }
 }
 
 /// What an install did.
@@ -199,14 +228,7 @@ impl Deployer {
         deploy: &DeploySection,
         workers: usize,
     ) -> Deployer {
-        let trusted = if deploy.trusted_keys.is_empty() {
-            configured
-                .as_ref()
-                .map(|m| m.trusted_keys.clone())
-                .unwrap_or_default()
-        } else {
-            deploy.trusted_keys.clone()
-        };
+        let trusted = deploy.trusted_keys_with(configured.as_ref());
         Deployer {
             options: install_options(configured.as_ref(), workers),
             shared,
@@ -624,35 +646,22 @@ pub fn startup_model(
             Activation::default()
         }
     };
-    let trusted = if deploy.trusted_keys.is_empty() {
-        configured
-            .map(|m| m.trusted_keys.clone())
-            .unwrap_or_default()
-    } else {
-        deploy.trusted_keys.clone()
-    };
+    let trusted = deploy.trusted_keys_with(configured);
     let options = install_options(configured, workers);
-    let chain: Vec<Option<String>> = std::iter::once(activation.active.clone())
-        .chain(activation.previous.iter().cloned())
+    let chain: Vec<Option<String>> = std::iter::once(activation.active)
+        .chain(activation.previous)
         .collect();
+    // The first installed version that passes, up to the configured model (`None`).
+    let mut runs = None;
     for (i, candidate) in chain.iter().enumerate() {
         let Some(version) = candidate else {
-            // The configured model is next in line.
             break;
         };
         match load_installed(models, version, &trusted, &options) {
             Ok(model) => {
-                if i > 0 {
-                    let corrected = Activation {
-                        active: Some(version.clone()),
-                        previous: chain[i + 1..].to_vec(),
-                    };
-                    if let Err(e) = models.set_activation(&corrected) {
-                        tracing::error!(error = %e, "cannot record the model that runs");
-                    }
-                }
                 tracing::info!(%version, "running the installed model");
-                return Ok(Some(model));
+                runs = Some((i, model));
+                break;
             }
             Err(e) => tracing::error!(
                 %version,
@@ -661,20 +670,30 @@ pub fn startup_model(
             ),
         }
     }
-    if activation.active.is_some() {
-        let rest = chain
-            .iter()
-            .position(Option::is_none)
-            .map_or(Vec::new(), |p| chain[p + 1..].to_vec());
+    let (i, model) = match runs {
+        Some((i, model)) => (i, Some(model)),
+        None => (
+            chain
+                .iter()
+                .position(Option::is_none)
+                .unwrap_or(chain.len()),
+            None,
+        ),
+    };
+    if i > 0 {
+        // What ran before the one that runs now stays the rollback chain.
         let corrected = Activation {
-            active: None,
-            previous: rest,
+            active: chain.get(i).cloned().flatten(),
+            previous: chain.get(i + 1..).map(<[_]>::to_vec).unwrap_or_default(),
         };
         if let Err(e) = models.set_activation(&corrected) {
             tracing::error!(error = %e, "cannot record the model that runs");
         }
     }
-    crate::daemon::load_model(configured, workers)
+    match model {
+        Some(model) => Ok(Some(model)),
+        None => crate::daemon::load_model(configured, workers),
+    }
 }
 
 /// The file an upload goes to and its removal when the request ends early (client gone,

@@ -1598,3 +1598,28 @@ fn a_model_change_killed_at_any_moment_leaves_a_model_that_passed_its_checks() {
     eprintln!("{}", seen.join("\n"));
     d.assert_alive();
 }
+
+#[test]
+fn a_restart_skips_an_installed_model_that_no_longer_passes_its_checks() {
+    let mut d = deploy_daemon();
+    d.wait_results(1);
+    d.push(&good("ok-1"), "").expect(201);
+    d.push(&good("ok-2"), "").expect(201);
+    // The running bundle's file damaged on disk (the daemon reads it again only at start).
+    let file = d
+        ._dir
+        .path()
+        .join("store")
+        .join(weld_edge::store::MODELS_DIR)
+        .join("ok-2.bundle");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&file, &bytes).unwrap();
+    d.kill_and_restart();
+    let m = d.models();
+    assert_eq!(m["running"]["version"], "ok-1", "{m}\n{}", d.log());
+    assert_eq!(m["active"], "ok-1", "{m}");
+    assert_eq!(m["previous"], serde_json::json!([null]), "{m}");
+    d.wait_results(1);
+}

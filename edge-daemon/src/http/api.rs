@@ -764,22 +764,19 @@ async fn capture(
 /// The answer to a refused model change: the code and status for each reason.
 fn deploy_error(e: crate::deploy::DeployError) -> ApiError {
     use crate::deploy::DeployError as E;
-    let (status, code) = match &e {
-        E::Busy => (StatusCode::CONFLICT, "busy"),
-        E::NoTrustedKeys => (StatusCode::FORBIDDEN, "no_trusted_keys"),
-        E::Refused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_bundle"),
-        E::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
-        E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-        E::Active(_) => (StatusCode::CONFLICT, "active"),
-        E::NoPrevious => (StatusCode::CONFLICT, "no_previous"),
-        E::Shadow(_) => (StatusCode::CONFLICT, "shadow"),
-        E::Broken { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "broken_model"),
+    let status = match &e {
+        E::Busy | E::Conflict { .. } | E::Active(_) | E::NoPrevious | E::Shadow(_) => {
+            StatusCode::CONFLICT
+        }
+        E::NoTrustedKeys => StatusCode::FORBIDDEN,
+        E::Refused(_) | E::Broken { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        E::NotFound(_) => StatusCode::NOT_FOUND,
         E::Store(_) => {
             tracing::error!(error = %e, "the model store failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            StatusCode::INTERNAL_SERVER_ERROR
         }
     };
-    ApiError::new(status, code, e.to_string())
+    ApiError::new(status, e.code(), e.to_string())
 }
 
 /// Runs a model change off the async threads.

@@ -185,15 +185,9 @@ fn fetch_and_install(
         .map_err(|e| Refusal("internal", format!("cannot store the bundle: {e}")))?;
     drop(bytes);
     let path = upload.keep();
-    let installed = deployer.install(&path, true).map_err(|e| {
-        let code = match &e {
-            crate::deploy::DeployError::Busy => "busy",
-            crate::deploy::DeployError::Conflict { .. } => "version_conflict",
-            crate::deploy::DeployError::NoTrustedKeys => "no_trusted_keys",
-            _ => "invalid_bundle",
-        };
-        Refusal(code, e.to_string())
-    })?;
+    let installed = deployer
+        .install(&path, true)
+        .map_err(|e| Refusal(e.code(), e.to_string()))?;
     serde_json::to_value(&installed).map_err(|e| Refusal("internal", e.to_string()))
 }
 
