@@ -781,9 +781,11 @@ fn deploy_error(e: crate::deploy::DeployError) -> ApiError {
 
 /// Runs a model change off the async threads.
 async fn deploying<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::deploy::DeployError> + Send + 'static,
+    state: &AppState,
+    f: impl FnOnce(&crate::deploy::Deployer) -> Result<T, crate::deploy::DeployError> + Send + 'static,
 ) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
+    let deployer = state.deployer.clone();
+    tokio::task::spawn_blocking(move || f(&deployer))
         .await
         .map_err(ApiError::internal)?
         .map_err(deploy_error)
@@ -793,8 +795,7 @@ async fn deploying<T: Send + 'static>(
 #[utoipa::path(get, path = "/api/v1/models",
     responses((status = 200, body = crate::deploy::ModelsView)))]
 async fn list_models(State(state): Shared) -> ApiResult<Json<crate::deploy::ModelsView>> {
-    let d = state.deployer.clone();
-    deploying(move || d.view()).await.map(Json)
+    deploying(&state, move |d| d.view()).await.map(Json)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -826,9 +827,8 @@ async fn upload_model(
     use tokio::io::AsyncWriteExt as _;
     authorize(&state, &headers)?;
     let Query(q) = q?;
-    let deployer = state.deployer.clone();
-    let max = deployer.max_bundle_bytes();
-    let upload = crate::deploy::UploadFile::new(deployer.models().upload_path());
+    let max = state.deployer.max_bundle_bytes();
+    let upload = crate::deploy::UploadFile::new(state.deployer.models().upload_path());
     let mut file = tokio::fs::File::create(upload.path())
         .await
         .map_err(ApiError::internal)?;
@@ -858,7 +858,8 @@ async fn upload_model(
     file.sync_all().await.map_err(ApiError::internal)?;
     drop(file);
     let path = upload.keep();
-    let installed = deploying(move || deployer.install(&path, q.activate.unwrap_or(true))).await?;
+    let activate = q.activate.unwrap_or(true);
+    let installed = deploying(&state, move |d| d.install(&path, activate)).await?;
     let status = if installed.new {
         StatusCode::CREATED
     } else {
@@ -880,8 +881,9 @@ async fn activate_model(
     Path(version): Path<String>,
 ) -> ApiResult<Json<crate::deploy::ModelsView>> {
     authorize(&state, &headers)?;
-    let d = state.deployer.clone();
-    deploying(move || d.activate(&version)).await.map(Json)
+    deploying(&state, move |d| d.activate(&version))
+        .await
+        .map(Json)
 }
 
 /// Goes back to the model that ran before the running one (the configured model when no
@@ -894,8 +896,7 @@ async fn rollback_model(
     headers: HeaderMap,
 ) -> ApiResult<Json<crate::deploy::ModelsView>> {
     authorize(&state, &headers)?;
-    let d = state.deployer.clone();
-    deploying(move || d.rollback()).await.map(Json)
+    deploying(&state, move |d| d.rollback()).await.map(Json)
 }
 
 /// `POST /api/v1/shadow`: which installed version to run in shadow, on what share of frames.
@@ -923,10 +924,11 @@ async fn start_shadow(
 ) -> ApiResult<Json<crate::deploy::ModelsView>> {
     authorize(&state, &headers)?;
     let Json(req) = body?;
-    let d = state.deployer.clone();
-    deploying(move || d.start_shadow(&req.version, req.sample.unwrap_or(0.25)))
-        .await
-        .map(Json)
+    deploying(&state, move |d| {
+        d.start_shadow(&req.version, req.sample.unwrap_or(0.25))
+    })
+    .await
+    .map(Json)
 }
 
 /// Makes the shadow model the active one (checked again first).
@@ -938,8 +940,9 @@ async fn promote_shadow(
     headers: HeaderMap,
 ) -> ApiResult<Json<crate::deploy::ModelsView>> {
     authorize(&state, &headers)?;
-    let d = state.deployer.clone();
-    deploying(move || d.promote_shadow()).await.map(Json)
+    deploying(&state, move |d| d.promote_shadow())
+        .await
+        .map(Json)
 }
 
 /// Stops the shadow model; the answer carries its final figures.
@@ -951,8 +954,7 @@ async fn stop_shadow(
     headers: HeaderMap,
 ) -> ApiResult<Json<crate::deploy::ModelsView>> {
     authorize(&state, &headers)?;
-    let d = state.deployer.clone();
-    deploying(move || d.stop_shadow()).await.map(Json)
+    deploying(&state, move |d| d.stop_shadow()).await.map(Json)
 }
 
 /// Removes an installed version that does not run.
@@ -967,8 +969,9 @@ async fn delete_model(
     Path(version): Path<String>,
 ) -> ApiResult<Json<crate::deploy::ModelsView>> {
     authorize(&state, &headers)?;
-    let d = state.deployer.clone();
-    deploying(move || d.delete(&version)).await.map(Json)
+    deploying(&state, move |d| d.delete(&version))
+        .await
+        .map(Json)
 }
 
 // ------------------------------------------------------------------ metrics
