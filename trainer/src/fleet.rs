@@ -188,17 +188,23 @@ fn read_token(base: &Path, file: Option<&PathBuf>, env: Option<&String>) -> Resu
 /// One device's answer, read whole.
 struct Answer {
     status: u16,
-    body: String,
+    body: Vec<u8>,
 }
+
+/// Largest JSON answer read.
+const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest image read (a capture's PNG).
+const MAX_IMAGE_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Answer {
     /// The JSON body when the status is 2xx; else the device's `{"error", "detail"}` as text.
     fn json(&self) -> Result<serde_json::Value, String> {
-        let v: serde_json::Value = serde_json::from_str(&self.body).map_err(|e| {
+        let text = String::from_utf8_lossy(&self.body);
+        let v: serde_json::Value = serde_json::from_slice(&self.body).map_err(|e| {
             format!(
                 "HTTP {}: not JSON ({e}): {}",
                 self.status,
-                self.body.chars().take(200).collect::<String>()
+                text.chars().take(200).collect::<String>()
             )
         })?;
         if (200..300).contains(&self.status) {
@@ -208,20 +214,37 @@ impl Answer {
                 "HTTP {} {}: {}",
                 self.status,
                 v["error"].as_str().unwrap_or("error"),
-                v["detail"].as_str().unwrap_or(&self.body)
+                v["detail"].as_str().unwrap_or(&text)
             ))
+        }
+    }
+
+    /// The body as it came (a PNG) when the status is 2xx; else the device's error as text.
+    fn bytes(self) -> Result<Vec<u8>, String> {
+        if (200..300).contains(&self.status) {
+            Ok(self.body)
+        } else {
+            self.json().map(|_| Vec::new())
         }
     }
 }
 
+/// The answer to `r`, at most [`MAX_JSON_BYTES`].
 fn answer(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Answer, String> {
+    answer_up_to(r, MAX_JSON_BYTES)
+}
+
+fn answer_up_to(
+    r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    limit: u64,
+) -> Result<Answer, String> {
     let mut r = r.map_err(|e| format!("no answer: {e}"))?;
     let status = r.status().as_u16();
     let body = r
         .body_mut()
         .with_config()
-        .limit(16 * 1024 * 1024)
-        .read_to_string()
+        .limit(limit)
+        .read_to_vec()
         .map_err(|e| format!("HTTP {status}: the answer broke off: {e}"))?;
     Ok(Answer { status, body })
 }
@@ -231,30 +254,18 @@ impl Device {
         answer(agent.get(format!("{}{path}", self.url)).call())?.json()
     }
 
-    /// A call that needs the token, answered with bytes (PNG) or JSON.
+    /// `request` with this device's token.
+    fn authed<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        request.header("Authorization", format!("Bearer {}", self.token))
+    }
+
+    /// A call that needs the token, answered with bytes (a PNG, or JSON to parse).
     fn get_auth_bytes(&self, agent: &ureq::Agent, path: &str) -> Result<Vec<u8>, String> {
-        let mut r = agent
-            .get(format!("{}{path}", self.url))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call()
-            .map_err(|e| format!("no answer: {e}"))?;
-        let status = r.status().as_u16();
-        let body = r
-            .body_mut()
-            .with_config()
-            .limit(64 * 1024 * 1024)
-            .read_to_vec()
-            .map_err(|e| format!("HTTP {status}: the answer broke off: {e}"))?;
-        if (200..300).contains(&status) {
-            Ok(body)
-        } else {
-            Answer {
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            }
-            .json()
-            .map(|_| Vec::new())
-        }
+        answer_up_to(
+            self.authed(agent.get(format!("{}{path}", self.url))).call(),
+            MAX_IMAGE_BYTES,
+        )?
+        .bytes()
     }
 
     /// A call with a JSON body that needs the token.
@@ -265,9 +276,7 @@ impl Device {
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
         answer(
-            agent
-                .post(format!("{}{path}", self.url))
-                .header("Authorization", format!("Bearer {}", self.token))
+            self.authed(agent.post(format!("{}{path}", self.url)))
                 .header("Content-Type", "application/json")
                 .send(body.to_string()),
         )?
@@ -276,9 +285,7 @@ impl Device {
 
     fn delete(&self, agent: &ureq::Agent, path: &str) -> Result<serde_json::Value, String> {
         answer(
-            agent
-                .delete(format!("{}{path}", self.url))
-                .header("Authorization", format!("Bearer {}", self.token))
+            self.authed(agent.delete(format!("{}{path}", self.url)))
                 .call(),
         )?
         .json()
@@ -291,9 +298,7 @@ impl Device {
         activate: bool,
     ) -> Result<serde_json::Value, String> {
         answer(
-            agent
-                .post(format!("{}/api/v1/models?activate={activate}", self.url))
-                .header("Authorization", format!("Bearer {}", self.token))
+            self.authed(agent.post(format!("{}/api/v1/models?activate={activate}", self.url)))
                 .header("Content-Type", "application/x-tar")
                 .send(bundle),
         )?

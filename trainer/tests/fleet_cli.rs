@@ -5,10 +5,11 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weld_core::bundle::Bundle;
+
+mod common;
 
 const TOKEN: &str = "fleet-test-token-0123456789abcdef";
 const KEY: [u8; 32] = [21; 32];
@@ -192,11 +193,21 @@ fn bundle(dir: &Path, version: &str, seed: [u8; 32]) -> PathBuf {
     path
 }
 
+/// `weld-trainer dataset pull --devices FLEET --out DATASET`.
+fn pull(fleet: &Path, dataset: &Path) -> (bool, String, String) {
+    trainer(&[
+        "dataset",
+        "pull",
+        "--devices",
+        fleet.to_str().unwrap(),
+        "--out",
+        dataset.to_str().unwrap(),
+    ])
+}
+
+/// `weld-trainer ARGS`: whether it succeeded, its stdout and its stderr.
 fn trainer(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_weld-trainer"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::trainer(args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -384,14 +395,7 @@ fn dataset_pull_copies_each_devices_captures_into_unlabeled_once() {
         intrinsics: None,
     };
     weld_core::dataset::Dataset::create(&dataset, spec).unwrap();
-    let (ok, stdout, stderr) = trainer(&[
-        "dataset",
-        "pull",
-        "--devices",
-        fleet.to_str().unwrap(),
-        "--out",
-        dataset.to_str().unwrap(),
-    ]);
+    let (ok, stdout, stderr) = pull(&fleet, &dataset);
     assert!(ok, "{stdout}\n{stderr}");
     let files = |device: &str, suffix: &str| {
         std::fs::read_dir(dataset.join("unlabeled"))
@@ -413,14 +417,7 @@ fn dataset_pull_copies_each_devices_captures_into_unlabeled_once() {
     assert!(frame.depth().is_some());
 
     // Again: only frames captured since are fetched.
-    let (ok, stdout, _) = trainer(&[
-        "dataset",
-        "pull",
-        "--devices",
-        fleet.to_str().unwrap(),
-        "--out",
-        dataset.to_str().unwrap(),
-    ]);
+    let (ok, stdout, _) = pull(&fleet, &dataset);
     assert!(ok);
     assert!(stdout.contains("already there"), "{stdout}");
     let before = unlabeled;
@@ -436,14 +433,7 @@ fn dataset_pull_copies_each_devices_captures_into_unlabeled_once() {
         intrinsics: None,
     };
     weld_core::dataset::Dataset::create(&other, spec).unwrap();
-    let (ok, stdout, _) = trainer(&[
-        "dataset",
-        "pull",
-        "--devices",
-        fleet.to_str().unwrap(),
-        "--out",
-        other.to_str().unwrap(),
-    ]);
+    let (ok, stdout, _) = pull(&fleet, &other);
     assert!(!ok);
     assert!(stdout.contains("depth_unit_mm is 0.01"), "{stdout}");
     assert_eq!(
@@ -452,14 +442,7 @@ fn dataset_pull_copies_each_devices_captures_into_unlabeled_once() {
     );
 
     // Not a dataset: refused before anything is fetched.
-    let (ok, _, stderr) = trainer(&[
-        "dataset",
-        "pull",
-        "--devices",
-        fleet.to_str().unwrap(),
-        "--out",
-        devices.dir.path().to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = pull(&fleet, devices.dir.path());
     assert!(!ok);
     assert!(stderr.contains("is not a dataset"), "{stderr}");
 }

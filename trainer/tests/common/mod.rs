@@ -1,4 +1,5 @@
 //! What the trainer's command-line tests share: running the real binary and reading its output.
+#![allow(dead_code)] // not every test file uses every helper
 
 use std::process::{Command, Output};
 
