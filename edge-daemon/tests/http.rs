@@ -1151,6 +1151,22 @@ impl Daemon {
         r.json()
     }
 
+    /// The model store's folder.
+    fn deployed_dir(&self) -> PathBuf {
+        self._dir
+            .path()
+            .join("store")
+            .join(weld_edge::store::MODELS_DIR)
+    }
+
+    /// The names of the files in the model store's folder.
+    fn deployed_files(&self) -> Vec<String> {
+        std::fs::read_dir(self.deployed_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
     /// The version of the model deciding frames now.
     fn running(&self) -> String {
         self.models()["running"]["version"]
@@ -1321,16 +1337,7 @@ fn bad_bundles_are_refused_with_the_reason_and_the_model_stays() {
     // Nothing of the refused bundles stayed on the device.
     let installed = d.models()["installed"].as_array().unwrap().len();
     assert_eq!(installed, 1);
-    let files: Vec<_> = std::fs::read_dir(
-        d._dir
-            .path()
-            .join("store")
-            .join(weld_edge::store::MODELS_DIR),
-    )
-    .unwrap()
-    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-    .collect();
-    assert_eq!(files, ["v-ok.bundle"]);
+    assert_eq!(d.deployed_files(), ["v-ok.bundle"]);
     let before = d.wait_results(1).len();
     d.wait_results(before + 5);
     d.assert_alive();
@@ -1581,16 +1588,11 @@ fn a_model_change_killed_at_any_moment_leaves_a_model_that_passed_its_checks() {
         if answered == Some(201) {
             assert_eq!(running, version, "the device said it runs {version}");
         }
-        let leftovers: Vec<_> = std::fs::read_dir(
-            d._dir
-                .path()
-                .join("store")
-                .join(weld_edge::store::MODELS_DIR),
-        )
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".bundle"))
-        .collect();
+        let leftovers: Vec<_> = d
+            .deployed_files()
+            .into_iter()
+            .filter(|n| !n.ends_with(".bundle"))
+            .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
         d.wait_results(1);
         seen.push(format!("{delay_ms} ms: {answered:?}, runs {running}"));
@@ -1606,12 +1608,7 @@ fn a_restart_skips_an_installed_model_that_no_longer_passes_its_checks() {
     d.push(&good("ok-1"), "").expect(201);
     d.push(&good("ok-2"), "").expect(201);
     // The running bundle's file damaged on disk (the daemon reads it again only at start).
-    let file = d
-        ._dir
-        .path()
-        .join("store")
-        .join(weld_edge::store::MODELS_DIR)
-        .join("ok-2.bundle");
+    let file = d.deployed_dir().join("ok-2.bundle");
     let mut bytes = std::fs::read(&file).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0x55;
