@@ -115,12 +115,15 @@ pub struct Latencies {
 /// 60 s in µs: anything slower is recorded as 60 s.
 const LATENCY_MAX_US: u64 = 60_000_000;
 
+/// An empty latency histogram in µs, 1 µs to [`LATENCY_MAX_US`].
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
 impl Default for Latencies {
     fn default() -> Self {
-        let h = || {
-            Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
-                .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
-        };
+        let h = latency_histogram;
         Latencies {
             capture: h(),
             queue: h(),
@@ -229,7 +232,6 @@ pub struct ShadowTally {
 
 impl Shadow {
     pub fn new(model: Model, version: String, every: u64) -> Shadow {
-        let h = Latencies::default().model;
         Shadow {
             model,
             version,
@@ -239,8 +241,8 @@ impl Shadow {
                 compared: 0,
                 agreed: 0,
                 failures: 0,
-                latency: h.clone(),
-                active_latency: h,
+                latency: latency_histogram(),
+                active_latency: latency_histogram(),
             }),
         }
     }
